@@ -1,0 +1,11 @@
+"""distaccum: gradient accumulation (virtual batches) equal to the real large batch, on one process or many.
+
+>>> from distaccum import Accumulator, BatchPlan
+"""
+
+from distaccum.engine import Accumulator, StepResult
+from distaccum.plan import BatchPlan
+
+__version__ = "0.1.0"
+
+__all__ = ["Accumulator", "BatchPlan", "StepResult", "__version__"]
