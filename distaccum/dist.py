@@ -96,9 +96,7 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> torch.device:
         torch.cuda.set_device(dev)
     if is_initialized() or world_size() == 1:
         return dev
-    torch_dist.init_process_group(
-        backend=backend or default_backend(), timeout=datetime.timedelta(seconds=timeout_s)
-    )
+    torch_dist.init_process_group(backend=backend or default_backend(), timeout=datetime.timedelta(seconds=timeout_s))
     return dev
 
 

@@ -234,9 +234,7 @@ class Accumulator:
                 "(acc.backward(loss_a + loss_b))."
             )
         if loss.dim() != 0:
-            raise ValueError(
-                f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it (.mean())"
-            )
+            raise ValueError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it (.mean())")
         mode: Literal["items", "mean"] = "mean" if num_items is None else "items"
         if self._window_mode not in (None, mode):
             raise ValueError(
@@ -276,9 +274,7 @@ class Accumulator:
         None when no rank had a pending micro-step.
         """
         if self._in_micro_step:
-            raise RuntimeError(
-                "acc.flush() was called inside `with acc.micro_step():`; call it after the loop"
-            )
+            raise RuntimeError("acc.flush() was called inside `with acc.micro_step():`; call it after the loop")
         pending = self._pos
         if self._distributed:
             counts = torch.tensor([float(pending)], dtype=torch.float64, device=self._comm_device)

@@ -131,8 +131,19 @@ class FSDP1Sync(_ShardedFlushMixin, GradSync):
         return self.model.no_sync()  # type: ignore[operator]
 
     def grad_norm(self, params: Params, max_norm: float | None) -> torch.Tensor:
-        clip = math.inf if max_norm is None else max_norm
-        return self.model.clip_grad_norm_(clip)  # type: ignore[operator]
+        # FSDP1's own clip_grad_norm_ forces float32 norms and fails on float64 parameters; the sharded norm is
+        # simple enough: every rank holds a disjoint shard, so squared norms add up over ranks.
+        from torch.distributed.fsdp import ShardingStrategy
+
+        grads = _grads(params)
+        local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        squared = local.to(torch.float64).square().reshape(1)
+        if self.model.sharding_strategy != ShardingStrategy.NO_SHARD:  # type: ignore[union-attr]
+            torch_dist.all_reduce(squared)
+        total = squared.sqrt()[0]
+        if max_norm is not None and math.isfinite(max_norm) and grads:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
 
 
 class FSDP2Sync(_ShardedFlushMixin, GradSync):

@@ -1,0 +1,5 @@
+import sys
+
+from distaccum.cli import main
+
+sys.exit(main())
