@@ -141,7 +141,7 @@ def test_two_ranks_match_single_process_real_batch(backend_run, references, opti
 
 
 def test_gradients_are_reduced_only_at_the_boundary(backend_run):
-    backend, ranks = backend_run
+    _, ranks = backend_run
     accum_steps = GLOBAL_BATCH // (MICRO_BATCH * 2)
     for results in ranks:
         counts = results[("sgd", torch.float32)]["reductions"]
