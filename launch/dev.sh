@@ -35,9 +35,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     if command -v nvidia-smi >/dev/null 2>&1; then default_torch="torch"; else default_torch="torch==2.13.0"; fi
     # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options
-    "$PY" -m pip install --disable-pip-version-check ${TORCH_SPEC:-$default_torch}
+    "$PY" -m pip install --quiet --disable-pip-version-check ${TORCH_SPEC:-$default_torch}
   fi
-  "$PY" -m pip install --disable-pip-version-check -e ".[dev]"
+  "$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
   echo "$want" > "$stamp"
 fi
 
