@@ -136,7 +136,10 @@ class FSDP1Sync(_ShardedFlushMixin, GradSync):
         from torch.distributed.fsdp import ShardingStrategy
 
         grads = _grads(params)
-        local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if grads:
+            local = torch.nn.utils.get_total_norm(grads)
+        else:  # this rank's shard holds no gradient; it still joins the all-reduce, on the right device
+            local = torch.zeros((), device=next(self.model.parameters()).device)
         squared = local.to(torch.float64).square().reshape(1)
         if self.model.sharding_strategy != ShardingStrategy.NO_SHARD:  # type: ignore[union-attr]
             torch_dist.all_reduce(squared)
