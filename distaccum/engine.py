@@ -10,9 +10,10 @@ the summed gradient is corrected once at the boundary, after the backend reduced
   it really had.
 * with ``num_items=n``, the loss (a mean over ``n`` items) is multiplied by ``n / (c * accum_steps)``, where
   ``c`` is a rank-consistent estimate of items per micro-step (the global mean of the previous window; for
-  the first window the largest first ``n`` over ranks). The gradient is then ``sum(n_i * g_i) / (c * k * W)``
-  after the backend's average, and one scalar all-reduce of the window's item count ``N`` at the boundary
-  gives the exact factor ``c * k * W / N``. Why this and not pre-counting the window: it needs no look-ahead
+  the first window the largest ``n`` over ranks at the first micro-step where any rank has items: one extra
+  scalar all-reduce per run). The gradient is then ``sum(n_i * g_i) / (c * k * W)`` after the backend's
+  average, and one scalar all-reduce of the window's item count ``N`` at the boundary gives the exact factor
+  ``c * k * W / N``. Why this and not pre-counting the window: it needs no look-ahead
   into the data, works identically for DDP, FSDP1, FSDP2 and DeepSpeed (the correction is applied to reduced
   gradients, never to the backend's private buffers), and keeps the scaled loss at the magnitude of a plain
   ``loss / accum_steps``, so an fp16 ``GradScaler`` never sees a loss multiplied by a token count.
@@ -48,7 +49,7 @@ class StepResult:
     """Optimizer steps attempted so far, this one included (skipped ones too)."""
     loss: float
     """The window loss over all ranks: the global item-weighted mean with ``num_items``, else the mean of
-    micro-batch losses."""
+    micro-batch losses. NaN when ``num_items`` was 0 in every micro-step of every rank (the step is skipped)."""
     micro_steps: int
     """Micro-steps in the window summed over ranks (``accum_steps x world_size`` unless it was short)."""
     num_items: int | None
@@ -216,7 +217,9 @@ class Accumulator:
             loss: scalar loss of this micro-batch, a mean over its samples (or over ``num_items`` items).
             num_items: how many items (tokens not ignored, samples, pixels) ``loss`` averages over. When given,
                 the step's gradient is the sum of all item losses of the window over all ranks divided by the
-                global item count: ragged batches are weighted exactly. Zero is allowed (the loss is ignored).
+                global item count: ragged batches are weighted exactly. Zero is allowed (the loss is ignored,
+                also when it is NaN); its backward must still be finite, as that of ``F.cross_entropy`` with every
+                target ``ignore_index`` is (0 * NaN is NaN: divide a hand-made sum by ``count.clamp_min(1)``).
 
         Raises:
             RuntimeError: called outside ``micro_step`` or twice in one micro-step.
@@ -251,8 +254,9 @@ class Accumulator:
             if count < 0 or count != num_items:
                 raise ValueError(f"num_items must be a non-negative integer, got {num_items!r}")
             if self._item_scale is None:
-                self._item_scale = self._first_item_scale(count, loss.device)
-            scale = count / (self._item_scale * self.plan.accum_steps)
+                self._item_scale = self._first_item_scale(count)
+            # While no rank has seen an item yet, every rank's count is 0 and so is its scale.
+            scale = count / (self._item_scale * self.plan.accum_steps) if self._item_scale else 0.0
             self._window_items += count
             if count == 0:
                 # A mean over zero items is NaN (cross_entropy with all targets ignored); it contributes nothing,
@@ -297,12 +301,15 @@ class Accumulator:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def _first_item_scale(self, count: int, device: torch.device) -> float:
-        if not self._distributed:
-            return float(max(count, 1))
-        largest = torch.tensor([float(count)], dtype=torch.float64, device=self._comm_device)
-        torch_dist.all_reduce(largest, op=torch_dist.ReduceOp.MAX)
-        return max(float(largest.item()), 1.0)
+    def _first_item_scale(self, count: int) -> float | None:
+        # None until some rank has items: a fallback of 1 would scale the rest of the first window by raw item
+        # counts (fp16 overflow). All ranks get the same MAX, so they repeat this collective in lockstep.
+        largest = float(count)
+        if self._distributed:
+            reduced = torch.tensor([largest], dtype=torch.float64, device=self._comm_device)
+            torch_dist.all_reduce(reduced, op=torch_dist.ReduceOp.MAX)
+            largest = float(reduced.item())
+        return largest if largest > 0 else None
 
     def _window_stats(self) -> tuple[float, float, int, bool]:
         """(items, loss sum, micro-steps, item mode) over all ranks; checks the ranks agree on the step."""
@@ -340,11 +347,15 @@ class Accumulator:
         averaged_over = self._sync.averaging_ranks
         skipped = False
         if item_mode:
-            assert self._item_scale is not None
-            factor = self._item_scale * self.plan.accum_steps * averaged_over / items if items else 0.0
-            window_loss = loss_sum / items if items else 0.0
+            # No item anywhere in the window: there is no gradient to take (the step is skipped on all ranks)
+            # and the mean loss over zero items is NaN, as torch's own cross_entropy reports it.
             skipped = items == 0
+            factor = 0.0
+            window_loss = math.nan
             if items:
+                assert self._item_scale is not None  # set at the first micro-step where some rank had items
+                factor = self._item_scale * self.plan.accum_steps * averaged_over / items
+                window_loss = loss_sum / items
                 # Keeps the next window's scaled losses at the size of loss / accum_steps (fp16-safe).
                 self._item_scale = items / micro
         else:
