@@ -186,7 +186,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"wall {env['wall_seconds']:.0f} s",
     ]
     header = (
-        f"{'method':<45} {'s/step':>8} {'IQR':>5} {'vs (b)':>7} {'grad red./step':>14} {'other coll.':>11} "
+        f"{'method':<47} {'s/step':>8} {'IQR':>5} {'vs (b)':>7} {'grad red./step':>14} {'other coll.':>11} "
         f"{memory_kind + '/rank':>18} {'vs (b)':>7} {'update vs (b)':>13}"
     )
     for case in results["cases"]:
@@ -200,7 +200,7 @@ def format_report(results: dict[str, Any]) -> str:
         for entry in case["methods"].values():
             agree = "" if entry["replicas_agree"] else " (replicas differ!)"
             lines.append(
-                f"{entry['label']:<45} {entry['median_s']:>8.4f} {entry['spread'] * 100:>4.0f}% "
+                f"{entry['label']:<47} {entry['median_s']:>8.4f} {entry['spread'] * 100:>4.0f}% "
                 f"{_fmt(entry['time_vs_no_sync'], '.3f'):>6}x {_counts(entry['gradient_reductions_per_step']):>14} "
                 f"{_counts(entry['other_collectives_per_step']):>11} {_fmt(entry['peak_mib'], '.0f'):>18} "
                 f"{_fmt(entry['peak_vs_no_sync'], '.3f'):>7} {entry['update_mismatch_vs_no_sync']:>13.1e}{agree}"

@@ -116,7 +116,7 @@ def time_cases(spec: dict[str, Any]) -> dict[str, Any]:
     current: dict[str, Context] = {}
     cases = []
     accelerator = None
-    with counting_collectives(counter, gradient_buffers=lambda: current["ctx"].deepspeed_stepping):
+    with counting_collectives(counter, gradient_buffers=lambda: current["ctx"].python_gradient_reductions):
         for case in spec["cases"]:
             ctx = _context(spec, case, counter, raw_all_reduce)
             ctx.accelerator = accelerator
