@@ -34,7 +34,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from distaccum import dist
+from distaccum import dist, integrations
 from distaccum.plan import BatchPlan
 from distaccum.sync import GradSync, select_sync
 
@@ -116,6 +116,9 @@ class Accumulator:
                 f"plan.world_size is {plan.world_size} but this job runs {live} rank(s): the global batch would "
                 f"be wrong. Re-plan for the live world size: plan = plan.for_world_size({live})"
             )
+        # A library's wrapped optimizer/scheduler (accelerator.prepare) is driven through what it wraps, so that
+        # accumulation, loss scaling and scheduling happen once (distaccum.integrations).
+        optimizer, scheduler, grad_scaler = integrations.adapt(optimizer, scheduler, grad_scaler)
         self.model = model
         self.optimizer = optimizer
         self.plan = plan
