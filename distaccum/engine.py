@@ -367,7 +367,7 @@ class Accumulator:
         if factor != 1.0 and not skipped:
             self._sync.scale_grads(self._params, factor)
         if self._sync.owns_step:
-            grad_norm, engine_skipped = self._sync.engine_step(self.max_grad_norm)
+            grad_norm, engine_skipped = self._sync.engine_step(self.max_grad_norm, skip=skipped)
             skipped = skipped or engine_skipped
         else:
             grad_norm, skipped = self._optimizer_step(skip=skipped)

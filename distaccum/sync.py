@@ -75,8 +75,11 @@ class GradSync:
     def reduce_pending(self, params: Params) -> None:
         """Average gradients that were accumulated under :meth:`no_sync` (end of data mid-window)."""
 
-    def engine_step(self, max_grad_norm: float | None) -> tuple[float | None, bool]:
-        """Step a backend that owns the step (:attr:`owns_step`): returns (grad norm, skipped)."""
+    def engine_step(self, max_grad_norm: float | None, *, skip: bool = False) -> tuple[float | None, bool]:
+        """Step a backend that owns the step (:attr:`owns_step`): returns (grad norm, skipped).
+
+        ``skip``: the accumulator decided not to step (a window without items); drop the gradients only.
+        """
         raise NotImplementedError(f"{self.name} does not own the optimizer step")
 
 
