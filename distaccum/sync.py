@@ -144,7 +144,7 @@ class FSDP1Sync(_ShardedFlushMixin, GradSync):
         else:  # this rank's shard holds no gradient; it still joins the all-reduce, on the right device
             local = torch.zeros((), device=next(self.model.parameters()).device)
         squared = local.to(torch.float64).square().reshape(1)
-        if self.model.sharding_strategy != ShardingStrategy.NO_SHARD:  # type: ignore[union-attr]
+        if self.model.sharding_strategy != ShardingStrategy.NO_SHARD:
             torch_dist.all_reduce(squared)
         total = squared.sqrt()[0]
         if max_norm is not None and math.isfinite(max_norm) and grads:
