@@ -481,6 +481,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option("--dtype", choices=("float32", "float64"), default="float64", help="(default: %(default)s)")
     option("--divergence-factor", type=float, default=4.0, help="stop at loss > factor x min (default: %(default)s)")
     option("--smoothing", type=float, default=0.9, help="EMA of the stop rule, 0 = raw (default: %(default)s)")
+    option("--threads", type=int, default=1, help="torch intra-op threads per process (default: %(default)s)")
     option("--seed", type=int, default=0, help="initial weights and sample order (default: %(default)s)")
     option("--out", type=Path, default=None, help="write survey.csv, survey.png and summary.json to this folder")
     option("--no-progress", action="store_true", help="no progress bar")
@@ -505,6 +506,8 @@ def _print_summary(summary: dict[str, Any], seconds: float) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    # The built-in MLP is too small to gain from intra-op threads, and on a busy machine they cost 10x or more.
+    torch.set_num_threads(args.threads)
     make_model, batches = digits_task(args.seed, args.hidden, getattr(torch, args.dtype))
     started = time.perf_counter()
     result = lr_survey(
