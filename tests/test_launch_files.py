@@ -4,6 +4,7 @@ Accelerate's config loader, knobs applied from the environment)."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -35,7 +36,8 @@ EXERCISED = {
     "torchrun.sh": "test_torchrun_sh_two_processes_then_resume",
     "torchrun_multinode.sh": "test_torchrun_multinode_sh_two_nodes_on_loopback",
     "slurm.sbatch": "test_slurm_sbatch_dry_run",
-    "accelerate.sh": "test_accelerate_sh_single_process_yaml (+ tests/test_accelerate.py multi_cpu)",
+    "accelerate.sh": "test_accelerate_sh_single_process_yaml, "
+    "tests/test_accelerate.py::test_prepared_model_on_two_ranks_equals_real_batch",
     "env_check.sh": "tests/test_envcheck.py::test_env_check_sh_under_torchrun",
     "accelerate/single_process.yaml": "test_accelerate_sh_single_process_yaml",
     "accelerate/multi_cpu.yaml": "tests/test_accelerate.py::test_prepared_model_on_two_ranks_equals_real_batch",
@@ -73,6 +75,9 @@ def test_every_launch_file_is_exercised() -> None:
     unowned = [name for name in launch_files() if not name.startswith(OWNED_ELSEWHERE) and name not in EXERCISED]
     assert not unowned, f"launch/ files without a test: {unowned}; add one and list it in EXERCISED"
     assert all((LAUNCH / name).is_file() for name in EXERCISED)
+    for name, where in EXERCISED.items():  # the registry names tests that exist
+        for module, test in re.findall(r"(?:(tests/\w+\.py)::)?(test_\w+)", where):
+            assert f"def {test}(" in (ROOT / (module or "tests/test_launch_files.py")).read_text(), (name, test)
 
 
 def test_launch_readme_maps_every_file() -> None:
