@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import importlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,8 +41,6 @@ CSV_COLUMNS = ("config", "step", "lr", "loss")
 
 
 def _require(module: str, extra: str) -> Any:
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as error:
@@ -51,11 +51,15 @@ def _require(module: str, extra: str) -> Any:
 
 @dataclass(frozen=True, kw_only=True)
 class SurveyConfig:
-    """One batch configuration of a survey. Give ``global_batch_size`` and/or ``micro_batch_size``.
+    """One batch configuration of a survey: ``global_batch_size`` alone, or two of the three sizes.
 
-    ``accum_steps`` is derived for the live world size, as :class:`~distaccum.BatchPlan` does. With only
-    ``global_batch_size`` the configuration is a real batch: one micro-batch of ``global / world_size`` per
-    rank and no accumulation.
+    With ``global_batch_size`` alone the configuration is a real batch: one micro-batch of
+    ``global_batch_size / world_size`` per rank and no accumulation. Otherwise the missing size is derived for
+    the live world size, as :class:`~distaccum.BatchPlan` does.
+
+    Example:
+        >>> SurveyConfig(name="virtual", global_batch_size=256, micro_batch_size=16).plan(world_size=2).accum_steps
+        8
     """
 
     name: str
@@ -89,7 +93,13 @@ class SurveyConfig:
 
 
 def default_configs(global_batch_size: int, micro_batch_size: int) -> list[SurveyConfig]:
-    """``real`` (B, one micro-batch per rank), ``virtual`` (b x B/b) and ``small`` (b, no accumulation)."""
+    """The survey's classic trio: ``real``, ``virtual`` and ``small``.
+
+    Args:
+        global_batch_size: B, the real batch: one micro-batch per rank, no accumulation.
+        micro_batch_size: b, the virtual batch's micro-batch (``accum_steps = B / (b x world_size)``) and the
+            small batch's global size (b over all ranks, no accumulation).
+    """
     return [
         SurveyConfig(name="real", global_batch_size=global_batch_size),
         SurveyConfig(name="virtual", global_batch_size=global_batch_size, micro_batch_size=micro_batch_size),
@@ -136,6 +146,19 @@ def stream_batches(inputs: torch.Tensor, targets: torch.Tensor, *, seed: int = 0
 
     Optimizer step ``s`` of a configuration with global batch ``G`` gets stream samples ``[s*G, (s+1)*G)``:
     configurations with the same global batch see exactly the same samples at every step.
+
+    Args:
+        inputs: all samples' inputs (first dimension: samples).
+        targets: all samples' targets, in the same order.
+        seed: seeds the shuffle of every epoch.
+
+    Returns:
+        ``batches(step, global_batch_size) -> (inputs, targets)``, a pure function of its arguments.
+
+    Example:
+        >>> batches = stream_batches(torch.arange(10.0), torch.arange(10))
+        >>> torch.equal(batches(1, 4)[0], torch.cat([batches(2, 2)[0], batches(3, 2)[0]]))
+        True
     """
     count = inputs.shape[0]
 
@@ -143,10 +166,11 @@ def stream_batches(inputs: torch.Tensor, targets: torch.Tensor, *, seed: int = 0
         start = step * global_batch_size
         first_epoch, last_epoch = start // count, (start + global_batch_size - 1) // count
         orders = [
-            torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)) + epoch * count
+            torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             for epoch in range(first_epoch, last_epoch + 1)
         ]
-        index = torch.cat(orders)[start - first_epoch * count :][:global_batch_size] % count
+        offset = start - first_epoch * count
+        index = torch.cat(orders)[offset : offset + global_batch_size]
         return inputs[index], targets[index]
 
     return batches
@@ -328,6 +352,16 @@ def summarize(curves: Sequence[Curve], divergence_factor: float = 4.0, smoothing
     it diverged by :func:`divergence_step` (None if it never did). For each pair of configurations with the
     same global batch (they must coincide): the maximum of ``|loss_b - loss_a| / |loss_a|`` over the steps
     before either diverged. ``max_relative_distance`` is the largest of those (None without such a pair).
+
+    Args:
+        curves: the survey's curves.
+        divergence_factor: the stop rule's factor (:func:`divergence_step`).
+        smoothing: the stop rule's moving-average coefficient.
+
+    Returns:
+        A JSON-ready dict: ``divergence_factor``, ``smoothing``, ``max_relative_distance``, ``pairs`` (``a``,
+        ``b``, ``steps_compared``, ``max_relative_distance``) and ``configs`` (per name: the plan's sizes,
+        ``steps_recorded``, ``min_loss``, ``lr_at_min_loss``, ``lr_at_divergence``).
     """
     configs: dict[str, dict[str, Any]] = {}
     alive: dict[str, int] = {}
@@ -451,7 +485,15 @@ def plot(curves: Sequence[Curve], path: str | Path, *, title: str = "") -> None:
 def digits_task(
     seed: int = 0, hidden: int = 64, dtype: torch.dtype = torch.float32
 ) -> tuple[Callable[[], nn.Module], BatchFn]:
-    """scikit-learn's handwritten digits (1797 x 64, 10 classes, standardized) and a small MLP factory."""
+    """scikit-learn's handwritten digits (1797 x 64, 10 classes, standardized) and a small MLP factory.
+
+    Returns:
+        ``(make_model, batches)``: an MLP 64-hidden-hidden-10 factory seeded by ``seed`` and the digits as a
+        :func:`stream_batches` stream.
+
+    Raises:
+        ImportError: scikit-learn is missing (the message names the pip command).
+    """
     datasets = _require("sklearn.datasets", "survey")
     digits = datasets.load_digits()
     inputs = torch.tensor(digits.data, dtype=torch.float64)
@@ -534,5 +576,10 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``distaccum survey`` (on one process, or on every rank under torchrun)."""
-    return dist.run(_main, args)
+    """Run ``distaccum survey`` (on one process, or on every rank under torchrun); 2 on a bad option."""
+    try:
+        return dist.run(_main, args)
+    except ValueError as error:
+        # Every rank checks every configuration before training, so all ranks leave here together.
+        print(f"distaccum survey: error: {error}", file=sys.stderr, flush=True)
+        return 2

@@ -120,10 +120,10 @@ def test_virtual_curve_equals_real_curve_on_one_process(dtype: torch.dtype) -> N
         assert stop_index(curve.losses, 4.0, 0.9) == len(curve.losses) - 1 < STEPS - 1
 
 
-def test_cli_outputs_and_summary_come_from_the_curves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["survey", *CLI_ARGS, "--out", str(tmp_path)]) == 0
-    curves = read_curves(tmp_path / "survey.csv")
-    summary = json.loads((tmp_path / "summary.json").read_text())
+def check_summary_against_csv(folder: Path) -> dict:
+    """Recompute every figure of ``summary.json`` from ``survey.csv`` and compare; return the summary."""
+    curves = read_curves(folder / "survey.csv")
+    summary = json.loads((folder / "summary.json").read_text())
     assert list(curves) == ["real", "virtual", "small"] == list(summary["configs"])
     for name, points in curves.items():
         lrs, losses = [p[1] for p in points], [p[2] for p in points]
@@ -139,13 +139,30 @@ def test_cli_outputs_and_summary_come_from_the_curves(tmp_path: Path, capsys: py
     assert (pair["a"], pair["b"], pair["steps_compared"]) == ("real", "virtual", compared)
     assert pair["max_relative_distance"] == pytest.approx(max(relative_gaps(virtual, real, compared)), rel=1e-12)
     assert summary["max_relative_distance"] == pair["max_relative_distance"] <= TOLERANCE
+    return summary
 
+
+def test_cli_outputs_and_summary_come_from_the_curves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["survey", *CLI_ARGS, "--out", str(tmp_path)]) == 0
+    summary = check_summary_against_csv(tmp_path)
     from matplotlib.image import imread
 
     height, width, _ = imread(tmp_path / "survey.png").shape
     assert height > 300 and width > 500
     printed = capsys.readouterr().out
-    assert f"{pair['max_relative_distance']:.4g}" in printed and "real 64 x 1 x 1 = 64" in printed
+    assert f"{summary['max_relative_distance']:.4g}" in printed and "real 64 x 1 x 1 = 64" in printed
+
+
+def test_committed_example_summary_matches_its_csv() -> None:
+    summary = check_summary_against_csv(REPO / "examples" / "survey")
+    assert summary["configs"]["virtual"]["accum_steps"] == 16  # the README's command: B 256 = 16 x 16
+
+
+def test_cli_reports_an_impossible_batch_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["survey", "-B", "256", "-b", "24", "--no-progress"]) == 2
+    assert "error: global_batch_size 256 is not accum_steps x micro_batch_size x world_size" in (
+        capsys.readouterr().err
+    )
 
 
 def synthetic_curve(name: str, losses: list[float], global_batch_size: int = 64) -> Curve:
