@@ -9,11 +9,14 @@ in one spawn.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.distributed as torch_dist
 
 from distaccum import Accumulator, BatchPlan
 from tests import lm
@@ -57,6 +60,23 @@ def reference_batches(windows: list[Window]) -> list[tuple[torch.Tensor, torch.T
     ]
 
 
+@contextlib.contextmanager
+def count_all_reduces() -> Iterator[list[int]]:
+    """Counts Python-level all-reduces: the engine's scalar ones (DDP's own bucket reduction runs in C++)."""
+    counter = [0]
+    original = torch_dist.all_reduce
+
+    def counting(*args, **kwargs):
+        counter[0] += 1
+        return original(*args, **kwargs)
+
+    torch_dist.all_reduce = counting
+    try:
+        yield counter
+    finally:
+        torch_dist.all_reduce = original
+
+
 def train(
     model: torch.nn.Module,
     windows: list[Window],
@@ -71,21 +91,22 @@ def train(
     steps = []
     for step, per_rank, end in windows:
         mine = [(rank, index) for rank in ranks for index in per_rank[rank]]
-        for position, (rank, index) in enumerate(mine):
-            inputs, targets = lm.micro_batch(step, rank, index, LENGTHS)
-            with acc.micro_step(last=end == "last" and position == len(mine) - 1):
-                loss = lm.token_loss(model(inputs), targets)
-                if exact:
-                    acc.backward(loss, num_items=lm.count_items(targets))
-                else:
-                    # The naive recipe: every micro-batch's token mean weighs 1/accum_steps (an all-padding one
-                    # counts as 0, not NaN, to be fair to it).
-                    acc.backward(torch.nan_to_num(loss))
-        if end == "flush":
-            acc.flush()
+        with count_all_reduces() as all_reduces:
+            for position, (rank, index) in enumerate(mine):
+                inputs, targets = lm.micro_batch(step, rank, index, LENGTHS)
+                with acc.micro_step(last=end == "last" and position == len(mine) - 1):
+                    loss = lm.token_loss(model(inputs), targets)
+                    if exact:
+                        acc.backward(loss, num_items=lm.count_items(targets))
+                    else:
+                        # The naive recipe: every micro-batch's token mean weighs 1/accum_steps (an all-padding
+                        # one counts as 0, not NaN, to be fair to it).
+                        acc.backward(torch.nan_to_num(loss))
+            if end == "flush":
+                acc.flush()
         assert acc.stepped and acc.micro_step_in_window == 0
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-        steps.append({**dataclasses.asdict(acc.last_step), "params_finite": finite})
+        steps.append({**dataclasses.asdict(acc.last_step), "params_finite": finite, "all_reduces": all_reduces[0]})
     return steps
 
 
@@ -123,10 +144,23 @@ def train_plain() -> dict:
     return run_cases(lm.make_lm, state, list(range(lm.WORLD_SIZE)), "flush")
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    # Tiny tensors: with 2 intra-op threads on 2 busy shared cores these runs were 10x slower (16 s vs 0.5 s).
+    # The spawned ranks run with 1 thread too (tests/spawn.py).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=("plain", *BACKENDS))
 def backend_run(request) -> tuple[str, list[dict]]:
     if request.param == "plain":
-        return "plain", [train_plain()]
+        with one_thread():
+            return "plain", [train_plain()]
     return request.param, run_ranks(train_backend, request.param)
 
 
@@ -136,7 +170,8 @@ _references: dict = {}
 def reference(case: dict) -> tuple[dict[str, torch.Tensor], list[float], list[int]]:
     key = (repr(case["windows"]), case["dtype"])
     if key not in _references:
-        _references[key] = lm.reference_run(reference_batches(case["windows"]), case["dtype"])
+        with one_thread():
+            _references[key] = lm.reference_run(reference_batches(case["windows"]), case["dtype"])
     return _references[key]
 
 
@@ -197,6 +232,26 @@ def test_windows_without_items_are_skipped_and_leave_no_trace(backend_run):
         assert steps[-1]["step"] == len(ZERO_WINDOWS)
 
 
+def test_one_scalar_all_reduce_per_window(backend_run):
+    # Python-level all-reduces per window. DDP and FSDP reduce gradients by other calls, so under DDP every
+    # counted one is the engine's: one per window, plus the MAX that sets the first items-per-micro-step
+    # estimate (repeated at each micro-step while no rank has an item yet: the run opening with an empty
+    # window). FSDP1 adds its sharded grad-norm all-reduce to every window that steps. One process: none.
+    backend, ranks = backend_run
+    extra_per_step = {"plain": 0, "ddp": 0, "fsdp1": 1, "fsdp2": 0}[backend]
+    engine = {"exact": [2, 1, 1], "zero": [1 + lm.ACCUM_STEPS, 2, 1, 1, 1]}
+    for results in ranks:
+        for case, counts in engine.items():
+            steps = results[case]["steps"]
+            seen = [s["all_reduces"] for s in steps]
+            if backend == "plain":
+                expected = [0] * len(counts)
+            else:
+                expected = [c + (0 if s["skipped"] else extra_per_step) for c, s in zip(counts, steps, strict=True)]
+            print(f"{backend} {case}: all-reduces per window {seen}")
+            assert seen == expected, (case, seen)
+
+
 def test_the_data_is_as_unbalanced_as_the_tests_claim():
     # Guards what the tests above rely on. Tokens per micro-batch, [step][rank][micro-batch].
     counts = [[[sum(sequence) for sequence in rank] for rank in step] for step in lm.LENGTHS]
@@ -219,6 +274,7 @@ def fp16_micro_batch(window: int, index: int) -> tuple[torch.Tensor, torch.Tenso
     return lm.sequences(lengths, seed=100 * window + index)
 
 
+@one_thread()
 def test_fp16_grad_scaler_sees_a_loss_of_the_size_of_loss_over_accum_steps():
     model = lm.make_lm()
     scaler = torch.amp.GradScaler("cpu")
@@ -244,6 +300,7 @@ def test_fp16_grad_scaler_sees_a_loss_of_the_size_of_loss_over_accum_steps():
     assert acc.skipped_steps == 0 and scaler.get_scale() == initial_scale
 
 
+@one_thread()
 def test_fp16_scaling_by_raw_token_counts_would_overflow():
     # What the engine avoids: weighting by n directly (loss * n / accum_steps, exact only up to a constant)
     # overflows fp16 at the GradScaler's default scale with a few thousand tokens per micro-batch.
