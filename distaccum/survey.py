@@ -520,7 +520,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option("--steps", type=int, default=300, help="optimizer steps per configuration (default: %(default)s)")
     option("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     option("--hidden", type=int, default=64, help="MLP hidden width (default: %(default)s)")
-    option("--dtype", choices=("float32", "float64"), default="float64", help="(default: %(default)s)")
+    dtype_help = "model and data dtype; float64 shows the equality beyond float32 rounding (default: %(default)s)"
+    option("--dtype", choices=("float32", "float64"), default="float64", help=dtype_help)
     option("--divergence-factor", type=float, default=4.0, help="stop at loss > factor x min (default: %(default)s)")
     option("--smoothing", type=float, default=0.9, help="EMA of the stop rule, 0 = raw (default: %(default)s)")
     option("--threads", type=int, default=1, help="torch intra-op threads per process (default: %(default)s)")
