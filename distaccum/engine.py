@@ -25,10 +25,12 @@ window loss over all ranks), the micro-step count and a cheap check that all ran
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -36,7 +38,9 @@ from torch import nn
 
 from distaccum import dist, integrations
 from distaccum.plan import BatchPlan
-from distaccum.sync import GradSync, select_sync
+from distaccum.sync import DDPSync, GradSync, select_sync
+
+T = TypeVar("T")
 
 _FINGERPRINT = ("global_batch_size", "micro_batch_size", "accum_steps", "world_size", "micro_step", "step")
 
@@ -143,6 +147,10 @@ class Accumulator:
         self._item_scale: float | None = None
         self._in_micro_step = False
         self._agreed = False
+        self._end_of_data = False  # set by iterate(): the next micro-step is the last one of the data
+        self._micro_steps_run = 0
+        self.dropped_micro_batches = 0
+        """Micro-batches of this rank that :meth:`iterate` did not train on (see there)."""
         self._reset_window()
 
     # ----------------------------------------------------------------------------------------- window state
@@ -193,7 +201,9 @@ class Accumulator:
             )
         if self.check_ranks and not self._agreed:
             self._check_agreement()
-        boundary = last or self._pos + 1 >= self.plan.accum_steps
+        boundary = last or self._end_of_data or self._pos + 1 >= self.plan.accum_steps
+        self._end_of_data = False
+        self._micro_steps_run += 1
         self._in_micro_step = True
         self._boundary_now = boundary
         self._backward_done = False
@@ -292,6 +302,84 @@ class Accumulator:
         self._sync.reduce_pending(self._params)
         self._finish_window()
         return self.last_step
+
+    def iterate(self, micro_batches: Iterable[T], *, drop_last: bool = False) -> Iterator[T]:
+        """Yield this rank's micro-batches so that ranks whose data ends at different points never hang.
+
+        Run each yielded micro-batch inside ``with acc.micro_step():``. At each window's start every rank takes
+        the micro-batches the window still needs from its iterator (one window of look-ahead) and one scalar
+        all-reduce tells all ranks the smallest count. While every rank has a full window, nothing changes.
+        In the window where the first rank runs out, every rank trains on that smallest number ``m`` of
+        micro-batches, the ``m``-th ends the window (as ``micro_step(last=True)``) and the step is the exact
+        mean over the ``m x world_size`` micro-batches, as a real batch of those samples. Longer ranks' surplus
+        micro-batches of that window are not trained on (counted in :attr:`dropped_micro_batches`) and their
+        iterators are not read further. With ``drop_last=True`` a short last window is not stepped at all (its
+        micro-batches are counted as dropped), so every optimizer step sees exactly ``global_batch_size``
+        samples. Uneven ranks are a data problem to fix upstream (e.g. ``DistributedSampler``); this makes its
+        cost a few dropped micro-batches instead of a hang.
+
+        Args:
+            micro_batches: this rank's micro-batches (a ``DataLoader``, a generator...).
+            drop_last: skip a short last window instead of stepping it.
+
+        Yields:
+            The micro-batches to train on, in order.
+
+        Raises:
+            RuntimeError: a yielded micro-batch was not run in exactly one ``acc.micro_step()``.
+
+        Example:
+            >>> model = nn.Linear(4, 1)
+            >>> acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
+            ...                   BatchPlan(global_batch_size=8, micro_batch_size=4))
+            >>> for x in acc.iterate(torch.randn(3, 4, 4)):  # 3 micro-batches: one full window and one short
+            ...     with acc.micro_step():
+            ...         acc.backward(model(x).square().mean())
+            >>> acc.optimizer_steps, acc.last_step.micro_steps
+            (2, 1)
+        """
+        if self.check_ranks and not self._agreed:
+            self._check_agreement()  # before the first count all-reduce: a plan mismatch names itself
+        source = iter(micro_batches)
+        while True:
+            need = self.plan.accum_steps - self._pos
+            window = list(itertools.islice(source, need))
+            common = self._min_over_ranks(len(window))
+            self.dropped_micro_batches += len(window) - common
+            if common < need and (drop_last or common == 0):
+                if drop_last:
+                    self.dropped_micro_batches += common
+                    self._drop_pending_window()
+                elif self._pos:  # resumed mid-window and the data ends right there
+                    self.flush()
+                return
+            for index, batch in enumerate(window[:common]):
+                expected = self._micro_steps_run + 1
+                self._end_of_data = common < need and index == common - 1
+                try:
+                    yield batch
+                except GeneratorExit:  # the loop was left early: the flag must not end some later window
+                    self._end_of_data = False
+                    raise
+                if self._micro_steps_run != expected or self._in_micro_step:
+                    raise RuntimeError(
+                        "acc.iterate() yields one micro-batch per acc.micro_step(): run each one inside "
+                        f"`with acc.micro_step():` (this one ran {self._micro_steps_run - expected + 1})"
+                    )
+            if common < need:
+                return
+
+    def _min_over_ranks(self, count: int) -> int:
+        if not self._distributed:
+            return count
+        smallest = torch.tensor([float(count)], dtype=torch.float64, device=self._comm_device)
+        torch_dist.all_reduce(smallest, op=torch_dist.ReduceOp.MIN)
+        return int(smallest.item())
+
+    def _drop_pending_window(self) -> None:
+        # Unsynced local gradients of a window that will never step; no collective needed to discard them.
+        self.optimizer.zero_grad(set_to_none=True)
+        self._reset_window()
 
     # -------------------------------------------------------------------------------------------- boundary
     @property
@@ -447,9 +535,20 @@ class Accumulator:
             )
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Counters and window position (plain Python values), for exact resume."""
-        return {
+    def state_dict(self, *, include_grads: bool = False) -> dict[str, Any]:
+        """Counters and window position (plain Python values), for exact resume; mid-window also the gradients.
+
+        Args:
+            include_grads: also save the gradients accumulated so far in an unfinished window (under ``"grads"``,
+                one tensor or None per optimizer parameter), so that a resume mid-window loses nothing. Under
+                DDP they are this rank's own unreduced gradients: every rank must save its own state. At a
+                window boundary there are none (they were zeroed by the step) and nothing is added.
+
+        Raises:
+            ValueError: ``include_grads`` mid-window with a backend that accumulates in private buffers (FSDP,
+                DeepSpeed): checkpoint those at a window boundary.
+        """
+        state: dict[str, Any] = {
             "plan": self.plan.as_dict(),
             "micro_step": self._pos,
             "optimizer_steps": self.optimizer_steps,
@@ -459,21 +558,61 @@ class Accumulator:
             "window_loss": None if self._window_loss is None else float(self._window_loss),
             "window_mode": self._window_mode,
         }
+        if include_grads and self._pos:
+            if not self.grads_in_params:
+                raise ValueError(
+                    f"include_grads=True at micro-step {self._pos} of {self.plan.accum_steps}: {self.backend} keeps "
+                    "the gradients accumulated without sync in private buffers that cannot be saved and restored. "
+                    "Checkpoint at a window boundary (right after a step, when acc.micro_step_in_window == 0)."
+                )
+            state["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in self._params]
+        return state
+
+    @property
+    def grads_in_params(self) -> bool:
+        """Whether the window's unsynced gradients live in ``param.grad`` (plain module, DDP), so that
+        :meth:`state_dict` can save them mid-window; False for FSDP and DeepSpeed."""
+        return type(self._sync) in (GradSync, DDPSync)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the ranks' agreement is checked again at the next micro-step.
 
+        A boundary checkpoint may come from another world size with the same global and micro batch
+        (elastic resume): ``accum_steps`` is this job's plan's, and the optimizer step count carries on.
+
         Raises:
-            ValueError: the saved plan has another global batch, or another world size than this job's plan.
+            ValueError: the saved plan has another global or micro batch; or another world size while the
+                checkpoint is mid-window; or saved gradients that do not fit this model.
         """
         saved = BatchPlan.from_dict(state["plan"])
-        if saved != self.plan:
+        position = int(state["micro_step"])
+        if (saved.global_batch_size, saved.micro_batch_size) != (
+            self.plan.global_batch_size,
+            self.plan.micro_batch_size,
+        ):
             raise ValueError(
                 f"checkpoint was made with plan ({saved}) but this accumulator has ({self.plan}); build the "
                 f"plan from the checkpoint: BatchPlan.from_dict(state['plan']).for_world_size(world_size)"
             )
+        if saved != self.plan and position:
+            raise ValueError(
+                f"checkpoint was taken mid-window (micro-step {position} of {saved.accum_steps}) on "
+                f"{saved.world_size} rank(s) and cannot resume on {self.plan.world_size}: the window's unreduced "
+                f"gradients belong to ranks of the old job. Resume it on {saved.world_size} rank(s), or from a "
+                "checkpoint taken at a window boundary (those resume on any valid world size)."
+            )
+        grads = state.get("grads")
+        if grads is not None:
+            self._check_saved_grads(grads)
+        elif position:
+            warnings.warn(
+                f"loaded a mid-window state (micro-step {position} of {saved.accum_steps}) without its gradients: "
+                f"the window's first {position} micro-batches are lost. Save with "
+                "acc.state_dict(include_grads=True) (distaccum.checkpoint does) for an exact resume.",
+                stacklevel=2,
+            )
         self._reset_window()
-        self._pos = int(state["micro_step"])
+        self._pos = position
         self.optimizer_steps = int(state["optimizer_steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self._item_scale = state["item_scale"]
@@ -482,6 +621,24 @@ class Accumulator:
         self._window_loss = None if loss is None else torch.tensor(loss, dtype=torch.float64)
         self._window_mode = state["window_mode"]
         self._agreed = False
+        if grads is not None:
+            for param, grad in zip(self._params, grads, strict=True):
+                param.grad = None if grad is None else grad.detach().to(param.device, param.dtype).clone()
+
+    def _check_saved_grads(self, grads: list[torch.Tensor | None]) -> None:
+        if not self.grads_in_params:
+            raise ValueError(
+                f"the state holds mid-window gradients but this model's backend is {self.backend}, which keeps "
+                "them in private buffers; resume it with a plain or DDP model, or from a boundary checkpoint"
+            )
+        shapes = [tuple(p.shape) for p in self._params]
+        saved = [None if g is None else tuple(g.shape) for g in grads]
+        fits = len(saved) == len(shapes) and all(s in (None, want) for s, want in zip(saved, shapes, strict=True))
+        if not fits:
+            raise ValueError(
+                f"the state's saved gradients ({len(saved)} tensors) do not fit this optimizer's {len(shapes)} "
+                "parameters; load it into the same model and optimizer that saved it"
+            )
 
     def __repr__(self) -> str:
         return (
