@@ -1,15 +1,26 @@
-"""Atomic training checkpoints at window boundaries: model, optimizer, accumulator, scheduler, scaler, data position.
+"""Atomic training checkpoints: model, optimizer, accumulator, scheduler, scaler and data position together.
 
 Layout of a checkpoint ``directory``::
 
-    latest                 the name of the newest complete checkpoint, replaced atomically
-    step-00000012/         one checkpoint: state.pt and meta.json
+    latest                      the name of the newest complete checkpoint, replaced atomically
+    step-00000012/              a checkpoint at a window boundary: state.pt and meta.json
+    step-00000012-micro-0002/   one taken mid-window (``include_grads=True``): also grads-rank00000.pt ...
+    step-00000012/sharded/      FSDP models: model and optimizer in torch.distributed.checkpoint format
 
 A checkpoint is written under a temporary name, renamed when complete, and only then named in ``latest``
 (``os.replace``), so a job killed at any moment leaves the previous checkpoint readable. Replicated models
 (a plain module, ``DistributedDataParallel``, an Accelerate-prepared DDP) hold the same state on every rank
 at a window boundary: rank 0 writes, every rank reads (the directory must be on a filesystem all nodes
-share). Sharded models (FSDP) and DeepSpeed engines are refused with the tool to use instead.
+share). Sharded models (FSDP1, FSDP2) are written by every rank with ``torch.distributed.checkpoint``, which
+also reshards them when the job resumes on another world size. DeepSpeed engines are refused with the tool to
+use instead.
+
+Exact resume. Mid-window, the gradients accumulated so far differ per rank (DDP has not reduced them yet):
+``include_grads=True`` makes every rank write its own, and only the same world size can resume them. At a
+window boundary there are none, and a checkpoint resumes on any world size that keeps the global and micro
+batch (:func:`resume_plan`): ``accum_steps`` is re-derived and the optimizer step count carries on, so a data
+order that is a function of the step continues unchanged. FSDP keeps unsynced gradients in private buffers:
+checkpoint it at window boundaries.
 
 Example:
     >>> import tempfile, torch
@@ -39,11 +50,13 @@ from torch import nn
 
 from distaccum import dist
 from distaccum.engine import Accumulator
+from distaccum.plan import BatchPlan
 
 FORMAT_VERSION = 1
 _LATEST = "latest"
 _STATE = "state.pt"
 _META = "meta.json"
+_SHARDED = "sharded"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -70,14 +83,17 @@ def _check_supported(model: nn.Module) -> None:
             "Use engine.save_checkpoint(dir) / engine.load_checkpoint(dir) and store accumulator.state_dict() "
             "in client_state."
         )
+
+
+def _is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    if isinstance(model, FullyShardedDataParallel | FSDPModule):
-        raise ValueError(
-            f"distaccum.checkpoint saves replicated models, but model is a sharded {type(model).__name__}: rank 0 "
-            "does not hold the full state. Use torch.distributed.checkpoint with get_state_dict(model, optimizer) "
-            "and store accumulator.state_dict() next to it."
-        )
+    return isinstance(model, FullyShardedDataParallel | FSDPModule)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        torch_dist.barrier()
 
 
 def latest(directory: str | os.PathLike[str]) -> Path | None:
@@ -87,6 +103,22 @@ def latest(directory: str | os.PathLike[str]) -> Path | None:
         return None
     path = Path(directory) / pointer.read_text().strip()
     return path if (path / _META).is_file() else None
+
+
+def resume_plan(directory: str | os.PathLike[str], world_size: int | None = None) -> BatchPlan | None:
+    """The newest checkpoint's plan re-planned for ``world_size`` (default: this job's), or None without one.
+
+    Build the :class:`~distaccum.Accumulator` with it to resume on another number of ranks (elastic restart).
+
+    Raises:
+        ValueError: the checkpoint's global batch cannot be split over ``world_size`` ranks of its micro batch
+            size; the message lists the world sizes that can resume it.
+    """
+    path = latest(directory)
+    if path is None:
+        return None
+    saved = BatchPlan.from_dict(json.loads((path / _META).read_text())["plan"])
+    return saved.for_world_size(dist.world_size() if world_size is None else world_size)
 
 
 def save(
@@ -99,52 +131,86 @@ def save(
     grad_scaler: torch.amp.GradScaler | None = None,
     data_state: dict[str, Any] | None = None,
     keep: int = 2,
+    include_grads: bool = False,
 ) -> Path:
-    """Write a checkpoint of the training state at a window boundary; collective (call it on every rank).
+    """Write a checkpoint of the training state; collective (call it on every rank).
 
     Args:
         directory: where checkpoints live (created if missing); must be shared by all nodes.
-        model: the (possibly DDP-wrapped) model; saved with plain tensor names.
+        model: the model, plain, DDP-wrapped or FSDP-sharded; replicated ones are saved with plain tensor names.
         optimizer: its optimizer.
-        accumulator: the :class:`~distaccum.Accumulator`; must be at a window boundary.
+        accumulator: the :class:`~distaccum.Accumulator`.
         scheduler: learning-rate scheduler, if any.
         grad_scaler: ``torch.amp.GradScaler``, if any.
-        data_state: where the data stands (e.g. ``{"step": 12}``); :func:`load` returns it.
+        data_state: where the data stands (e.g. ``{"step": 12, "micro_batch": 2}``); :func:`load` returns it.
         keep: how many complete checkpoints to keep (older ones are deleted).
+        include_grads: allow a checkpoint mid-window: every rank also writes the gradients it accumulated so far
+            (plain and DDP models only). Without it, only window boundaries are saved.
 
     Returns:
         The checkpoint's directory.
 
     Raises:
-        ValueError: the accumulator is mid-window, ``keep < 1``, or the model is sharded / a DeepSpeed engine.
+        ValueError: mid-window without ``include_grads`` or with an FSDP model, ``keep < 1``, or a DeepSpeed
+            engine.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 checkpoints, got {keep}")
-    if accumulator.micro_step_in_window != 0:
+    position = accumulator.micro_step_in_window
+    if position and not include_grads:
         raise ValueError(
-            f"checkpoint requested mid-window (micro-step {accumulator.micro_step_in_window} of "
-            f"{accumulator.plan.accum_steps}): the gradients accumulated so far are not saved. Save right after "
-            "an optimizer step (when acc.stepped is True)."
+            f"checkpoint requested mid-window (micro-step {position} of {accumulator.plan.accum_steps}): the "
+            "gradients accumulated so far are not saved. Save right after an optimizer step (when acc.stepped "
+            "is True), or pass include_grads=True (plain and DDP models) to save them too."
         )
     _check_supported(model)
+    # Raises for FSDP mid-window on every rank before anything is written.
+    grads = accumulator.state_dict(include_grads=True).get("grads") if position else None
+    sharded = _is_sharded(model)
     root = Path(directory)
-    name = f"step-{accumulator.optimizer_steps:08d}"
+    name = f"step-{accumulator.optimizer_steps:08d}" + (f"-micro-{position:04d}" if position else "")
     final = root / name
-    if dist.rank() == 0:
+    temporary = root / f".tmp-{name}"
+    rank = dist.rank()
+    if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        temporary = root / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
+    if sharded or grads is not None:
+        _barrier()  # every rank writes into the temporary directory: it must exist first
+    model_state: dict[str, Any] | None = None
+    optimizer_state: dict[str, Any] | None = None
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary / _SHARDED)
+        model_state = optimizer_state = None
+    elif rank == 0:
+        model_state, optimizer_state = unwrap(model).state_dict(), optimizer.state_dict()
+    if grads is not None:
+        torch.save(grads, temporary / f"grads-rank{rank:05d}.pt")
+    if sharded or grads is not None:
+        _barrier()
+    if rank == 0:
         state = {
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "accumulator": accumulator.state_dict(),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "grad_scaler": None if grad_scaler is None else grad_scaler.state_dict(),
             "data_state": {} if data_state is None else data_state,
         }
         torch.save(state, temporary / _STATE)
-        meta = {"format": FORMAT_VERSION, "step": accumulator.optimizer_steps, "plan": accumulator.plan.as_dict()}
+        meta = {
+            "format": FORMAT_VERSION,
+            "step": accumulator.optimizer_steps,
+            "micro_step": position,
+            "plan": accumulator.plan.as_dict(),
+            "sharded": sharded,
+            "grads_world_size": None if grads is None else accumulator.plan.world_size,
+        }
         (temporary / _META).write_text(json.dumps(meta, indent=1) + "\n")
         if final.exists():  # the same step saved twice (e.g. a resumed run that saves at once): replace it
             shutil.rmtree(final)
@@ -153,9 +219,8 @@ def save(
         pointer.write_text(name + "\n")
         os.replace(pointer, root / _LATEST)
         _prune(root, keep)
-    if dist.is_initialized():
-        # Nobody leaves save() before the checkpoint is complete: a rank killed right after can rely on it.
-        torch_dist.barrier()
+    # Nobody leaves save() before the checkpoint is complete: a rank killed right after can rely on it.
+    _barrier()
     return final
 
 
@@ -174,7 +239,10 @@ def load(
     scheduler: Any | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Any] | None:
-    """Restore the newest checkpoint in ``directory`` into the given objects, on every rank.
+    """Restore the newest checkpoint in ``directory`` into the given objects, on every rank (collective).
+
+    A boundary checkpoint resumes on another world size when ``accumulator`` was built with
+    :func:`resume_plan`'s plan; a mid-window one only on the world size that saved it.
 
     Args:
         directory: the directory :func:`save` wrote to (missing or empty: nothing to resume).
@@ -186,12 +254,14 @@ def load(
 
     Raises:
         ValueError: the checkpoint has a scheduler or scaler state and none was given (or the reverse), its
-            plan differs from the accumulator's, or the model is sharded / a DeepSpeed engine.
+            plan's global or micro batch differs from the accumulator's, it is mid-window and the world size
+            changed, a replicated checkpoint meets a sharded model, or the model is a DeepSpeed engine.
     """
     _check_supported(model)
     path = latest(directory)
     if path is None:
         return None
+    meta = json.loads((path / _META).read_text())
     state = torch.load(path / _STATE, map_location="cpu", weights_only=False)
     for field, target in (("scheduler", scheduler), ("grad_scaler", grad_scaler)):
         if (state[field] is None) != (target is None):
@@ -200,10 +270,30 @@ def load(
                 f"{field}={'None' if target is None else type(target).__name__} was given; pass the same "
                 f"{field} as the run that saved it"
             )
-    # The accumulator first: it refuses a checkpoint made with another plan before anything is overwritten.
-    accumulator.load_state_dict(state["accumulator"])
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    sharded = bool(meta.get("sharded"))
+    if not sharded and _is_sharded(model):
+        raise ValueError(
+            f"checkpoint {path} holds a replicated model's state but model is a sharded {type(model).__name__}; "
+            "resume it with the plain or DDP model that saved it"
+        )
+    accumulator_state = state["accumulator"]
+    if meta.get("grads_world_size") == accumulator.plan.world_size:
+        grads = torch.load(path / f"grads-rank{dist.rank():05d}.pt", map_location="cpu", weights_only=False)
+        accumulator_state = {**accumulator_state, "grads": grads}
+    # The accumulator first: it refuses another plan (or a mid-window resume on another world size) before
+    # anything is overwritten.
+    accumulator.load_state_dict(accumulator_state)
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        both: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(both, checkpoint_id=path / _SHARDED)  # in place, resharded to this job's layout
+        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+    else:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     if grad_scaler is not None:

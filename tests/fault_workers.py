@@ -123,6 +123,65 @@ def resume_from_snapshots(rank: int, world_size: int, per_rank_snapshots: list[l
     return {"finals": finals, "without_grads": _clone(inner.state_dict()), "warnings": [str(w.message) for w in caught]}
 
 
+# ----------------------------------------------------------------------------------- the checkpoint helper
+def wrap(backend: str, model: nn.Module, world_size: int) -> nn.Module:
+    if backend == "plain":
+        return model
+    if backend == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    return model
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return _clone(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+
+
+def train_with_checkpoint(
+    rank: int, world_size: int, backend: str, directory: str, save_at: tuple[int, int] | None
+) -> dict[str, torch.Tensor]:
+    """Train to the end through distaccum.checkpoint: saving at data position ``save_at``, or (None) resuming
+    from the newest checkpoint in ``directory`` with the plan it gives for this world size."""
+    from distaccum import checkpoint
+
+    plan = checkpoint.resume_plan(directory) if save_at is None else None
+    plan = plan or BatchPlan(global_batch_size=MICRO * ACCUM * 2, micro_batch_size=MICRO)
+    model = wrap(backend, make_model(), world_size)
+    optimizer = make_optimizer("adam", model.parameters())
+    acc = Accumulator(model, optimizer, plan)
+    objects = {"model": model, "optimizer": optimizer, "accumulator": acc}
+    start = (0, 0)
+    if save_at is None:
+        data = checkpoint.load(directory, **objects)
+        assert data is not None
+        start = (data["step"], data["micro_batch"])
+
+    def maybe_save(step: int, done_in_window: int) -> None:
+        position = (step + 1, 0) if done_in_window == acc.plan.accum_steps else (step, done_in_window)
+        if position == save_at:
+            data_state = {"step": position[0], "micro_batch": position[1]}
+            checkpoint.save(directory, **objects, data_state=data_state, include_grads=True)
+
+    _train(rank, world_size, model, acc, start=start, on_micro_step=maybe_save)
+    return full_state(model)
+
+
+def checkpoint_roundtrips(rank: int, world_size: int, directory: str) -> dict[str, dict[str, Any]]:
+    """DDP saved mid-window and FSDP2 saved at a boundary: uninterrupted run, then fresh objects resumed."""
+    results = {}
+    for backend, save_at in (("ddp", (1, 2)), ("fsdp2", (1, 0))):
+        target = f"{directory}/{backend}"
+        uninterrupted = train_with_checkpoint(rank, world_size, backend, target, save_at)
+        resumed = train_with_checkpoint(rank, world_size, backend, target, None)
+        results[backend] = {"uninterrupted": uninterrupted, "resumed": resumed}
+    return results
+
+
 # ---------------------------------------------------------------------------------------- elastic world size
 def elastic_run(rank: int, world_size: int, foreign_boundary_state: dict[str, Any], boundary_step: int) -> dict:
     """(a) uninterrupted run on this world size, keeping its state at ``boundary_step``; (b) a resume of a

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 
-from distaccum import Accumulator, BatchPlan
+from distaccum import Accumulator, BatchPlan, checkpoint
 from tests import fault_workers as workers
 from tests.common import loss_fn, make_data, make_model, make_optimizer, max_relative_error
 from tests.launchers import free_port
@@ -72,6 +72,11 @@ def test_fsdp_mid_window_gradients_are_refused_with_the_way_out(tmp_path):
         acc.backward(loss_fn(model(x[0]), y[0]))
     with pytest.raises(ValueError, match=r"include_grads=True at micro-step 1 of 2: fsdp2 keeps .* window boundary"):
         acc.state_dict(include_grads=True)
+    with pytest.raises(ValueError, match=r"include_grads=True at micro-step 1 of 2: fsdp2 keeps"):
+        checkpoint.save(tmp_path / "ckpt", model=model, optimizer=acc.optimizer, accumulator=acc, include_grads=True)
+    with pytest.raises(ValueError, match=r"mid-window \(micro-step 1 of 2\).* or pass include_grads=True"):
+        checkpoint.save(tmp_path / "ckpt", model=model, optimizer=acc.optimizer, accumulator=acc)
+    assert not (tmp_path / "ckpt").exists()  # refused before anything was written
     del model, acc
 
 
@@ -303,3 +308,51 @@ def test_a_rank_that_stalls_or_dies_makes_the_others_fail_within_the_timeout(cas
 def test_a_rank_that_flushes_while_the_others_train_fails_instead_of_hanging():
     report, _, codes = _misbehaving_job("flush", 3.0)
     assert codes[0] != 0 and report["seconds_waited"] <= 8.0
+
+
+# ------------------------------------------------------------------------------- through distaccum.checkpoint
+@pytest.fixture(scope="module")
+def checkpoint_roundtrips(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    directory = tmp_path_factory.mktemp("checkpoints")
+    return directory, run_ranks(workers.checkpoint_roundtrips, str(directory), timeout_s=180)
+
+
+def test_checkpoint_helper_resumes_ddp_mid_window_exactly(checkpoint_roundtrips):
+    directory, results = checkpoint_roundtrips
+    assert sorted(path.name for path in (directory / "ddp" / "step-00000001-micro-0002").iterdir()) == [
+        "grads-rank00000.pt",
+        "grads-rank00001.pt",
+        "meta.json",
+        "state.pt",
+    ]
+    for result in results:
+        assert max_relative_error(result["ddp"]["resumed"], result["ddp"]["uninterrupted"]) <= EXACT
+
+
+def test_checkpoint_helper_saves_fsdp2_with_distributed_checkpoint_and_resumes_exactly(checkpoint_roundtrips):
+    directory, results = checkpoint_roundtrips
+    assert any((directory / "fsdp2" / "step-00000001" / "sharded").glob("*.distcp"))
+    for result in results:
+        assert max_relative_error(result["fsdp2"]["resumed"], result["fsdp2"]["uninterrupted"]) <= EXACT
+
+
+def test_fsdp2_boundary_checkpoint_reshards_onto_one_rank(checkpoint_roundtrips, tmp_path):
+    directory, results = checkpoint_roundtrips
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    resumed = workers.train_with_checkpoint(0, 1, "fsdp2", str(directory / "fsdp2"), None)
+    assert max_relative_error(resumed, results[0]["fsdp2"]["uninterrupted"]) <= EXACT
+
+
+def test_mid_window_checkpoint_of_two_ranks_is_refused_on_one(checkpoint_roundtrips):
+    directory, _ = checkpoint_roundtrips
+    with pytest.raises(ValueError, match=r"taken mid-window \(micro-step 2 of 3\) on 2 rank\(s\) and cannot resume"):
+        workers.train_with_checkpoint(0, 1, "plain", str(directory / "ddp"), None)
+
+
+def test_resume_plan_lists_the_world_sizes_that_can_resume(checkpoint_roundtrips):
+    directory, _ = checkpoint_roundtrips
+    assert checkpoint.resume_plan(directory / "fsdp2", world_size=6).accum_steps == 1
+    with pytest.raises(
+        ValueError, match=r"world_size 4 cannot keep global_batch_size 24 .* valid world sizes: 1, 2, 3, 6"
+    ):
+        checkpoint.resume_plan(directory / "fsdp2", world_size=4)
