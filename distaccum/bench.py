@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import datetime
 import errno
+import importlib.util
 import json
 import os
 import socket
@@ -46,8 +47,26 @@ from distaccum.bench_methods import METHODS, check_methods, environment_for_work
 from distaccum.bench_models import MODELS, model_spec
 from distaccum.bench_report import format_report, summarize
 
+_NEEDS = {
+    "accelerate": ("accelerate",),
+    "deepspeed": ("deepspeed",),
+    "distaccum_deepspeed": ("deepspeed", "distaccum.integrations.deepspeed"),
+}
+
 SWEEP_METHODS = ("distaccum", "real_batch")
 """Methods of the memory sweep: the virtual batch and the real batch of the same size."""
+
+
+def available_methods() -> tuple[str, ...]:
+    """Every method whose libraries are installed (Accelerate and DeepSpeed are optional dependencies)."""
+
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            return False
+
+    return tuple(name for name in METHODS if all(installed(module) for module in _NEEDS.get(name, ())))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,17 +81,19 @@ class BenchConfig:
     """Micro-batches per optimizer step; one timing case per (model, accum_steps)."""
     micro_batch_size: int | None = None
     """Samples per micro-batch; None takes each model's default (8)."""
-    methods: tuple[str, ...] = tuple(METHODS)
-    """Methods to compare, from :data:`distaccum.bench_methods.METHODS`."""
+    methods: tuple[str, ...] = dataclasses.field(default_factory=available_methods)
+    """Methods to compare, from :data:`distaccum.bench_methods.METHODS`; default: all that are installed."""
     warmup: int = 1
     """Untimed rounds per case (first-touch allocations, DDP bucket rebuild, lazy inits)."""
     rounds: int = 5
     """Timed rounds per case: each method's median is over these optimizer steps."""
     memory: bool = True
-    """Measure peak memory of every method of every case in fresh processes."""
-    memory_sweep: tuple[int, ...] = (1, 8, 64)
+    """Measure peak memory of every method in fresh processes (at ``memory_accum_steps``)."""
+    memory_accum_steps: tuple[int, ...] | None = None
+    """accum_steps of the timing cases whose methods get a memory run; None: all of ``accum_steps``."""
+    memory_sweep: tuple[int, ...] = (1, 64)
     """accum_steps of the memory sweep (virtual vs real batch); empty to skip."""
-    memory_steps: int = 2
+    memory_steps: int = 1
     """Optimizer steps each memory process runs."""
     size: str = "full"
     """``full`` models, or ``tiny`` ones for smoke tests."""
@@ -229,7 +250,10 @@ def run_benchmark(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
         raw["time"] = launch(_job(config, "time", cases, list(config.methods)), config.nproc, config.timeout_s, workdir)
         memory_runs: list[tuple[dict[str, Any], str]] = []
         if config.memory:
-            memory_runs += [(case, method) for case in cases for method in config.methods]
+            wanted = config.accum_steps if config.memory_accum_steps is None else config.memory_accum_steps
+            memory_runs += [
+                (case, method) for case in cases if case["accum_steps"] in wanted for method in config.methods
+            ]
         for name in config.models:
             micro = config.micro_batch_size or model_spec(name, config.size).default_micro_batch_size
             for k in config.memory_sweep:
@@ -262,9 +286,14 @@ def command_line(config: BenchConfig) -> str:
         "--models " + " ".join(config.models),
         "--accum-steps " + " ".join(map(str, config.accum_steps)),
         *([f"--micro-batch-size {config.micro_batch_size}"] if config.micro_batch_size else []),
-        *([] if config.methods == tuple(METHODS) else ["--methods " + " ".join(config.methods)]),
+        *([] if config.methods == available_methods() else ["--methods " + " ".join(config.methods)]),
         f"--warmup {config.warmup} --rounds {config.rounds}",
         *([] if config.memory else ["--no-memory"]),
+        *(
+            ["--memory-accum-steps " + " ".join(map(str, config.memory_accum_steps))]
+            if config.memory and config.memory_accum_steps is not None
+            else []
+        ),
         "--memory-sweep " + " ".join(map(str, config.memory_sweep)),
         f"--memory-steps {config.memory_steps}",
         *([] if config.size == "full" else [f"--size {config.size}"]),
@@ -285,6 +314,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed rounds (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=defaults.rounds, help="timed rounds (default %(default)s)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip per-method peak memory")
+    parser.add_argument(
+        "--memory-accum-steps",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="K",
+        help="measure every method's memory only at these accum_steps (default: all of --accum-steps)",
+    )
     parser.add_argument("--memory-sweep", nargs="*", type=int, default=list(defaults.memory_sweep), metavar="K")
     parser.add_argument("--memory-steps", type=int, default=defaults.memory_steps)
     parser.add_argument("--size", choices=("full", "tiny"), default=defaults.size, help="tiny: smoke test")
@@ -306,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         rounds=args.rounds,
         memory=args.memory,
+        memory_accum_steps=None if args.memory_accum_steps is None else tuple(args.memory_accum_steps),
         memory_sweep=tuple(args.memory_sweep),
         memory_steps=args.memory_steps,
         size=args.size,

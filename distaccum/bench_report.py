@@ -55,6 +55,8 @@ def _summarize_case(ranks: list[dict[str, Any]], memory: dict[tuple[Any, ...], d
         # A step ends in a collective, so ranks finish together; the slowest rank's time is the step's time.
         seconds = [max(values) for values in zip(*(r["seconds"] for r in records), strict=True)]
         median = statistics.median(seconds)
+        # CPU time of the process (all its threads): what the method costs, whatever else the machine runs.
+        cpu = [max(values) for values in zip(*(r.get("cpu_seconds", []) for r in records), strict=True)]
         fingerprints = [r["fingerprint"] for r in records]
         mem = memory.get((case["model"], case["micro_batch_size"], case["accum_steps"], name))
         methods[name] = {
@@ -64,6 +66,8 @@ def _summarize_case(ranks: list[dict[str, Any]], memory: dict[tuple[Any, ...], d
             "p25_s": _quantile(seconds, 0.25),
             "p75_s": _quantile(seconds, 0.75),
             "spread": (_quantile(seconds, 0.75) - _quantile(seconds, 0.25)) / median if median else 0.0,
+            "cpu_seconds_per_step": cpu,
+            "median_cpu_s": statistics.median(cpu) if cpu else None,
             "gradient_reductions_per_step": _one_or_all({c for r in records for c in r["gradient_reductions"]}),
             "other_collectives_per_step": _one_or_all({c for r in records for c in r["other_collectives"]}),
             "update_mismatch_vs_no_sync": records[0]["update_mismatch"][0],
@@ -78,6 +82,11 @@ def _summarize_case(ranks: list[dict[str, Any]], memory: dict[tuple[Any, ...], d
     base = methods.get(BASELINE)
     for entry in methods.values():
         entry["time_vs_no_sync"] = entry["median_s"] / base["median_s"] if base else None
+        entry["cpu_vs_no_sync"] = (
+            entry["median_cpu_s"] / base["median_cpu_s"]
+            if base and base["median_cpu_s"] and entry["median_cpu_s"]
+            else None
+        )
         entry["peak_vs_no_sync"] = (
             entry["peak_mib"] / base["peak_mib"] if base and base["peak_mib"] and entry["peak_mib"] else None
         )
@@ -109,10 +118,10 @@ def _sweep(config: dict[str, Any], memory: dict[tuple[Any, ...], dict[str, Any]]
     return rows
 
 
-def _ratio(case: dict[str, Any], name: str, other: str) -> float | None:
+def _ratio(case: dict[str, Any], name: str, other: str, field: str = "median_s") -> float | None:
     methods = case["methods"]
-    if name in methods and other in methods:
-        return float(methods[name]["median_s"] / methods[other]["median_s"])
+    if name in methods and other in methods and methods[name][field] and methods[other][field]:
+        return float(methods[name][field] / methods[other][field])
     return None
 
 
@@ -129,9 +138,11 @@ def _targets(cases: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> dict[s
                 "accum_steps": case["accum_steps"],
                 "gradient_reductions_per_step": reductions,
                 "distaccum_vs_no_sync": _ratio(case, "distaccum", "no_sync"),
+                "distaccum_vs_no_sync_cpu": _ratio(case, "distaccum", "no_sync", "median_cpu_s"),
                 "distaccum_vs_accelerate": _ratio(case, "distaccum", "accelerate"),
                 "distaccum_vs_deepspeed": _ratio(case, "distaccum", "deepspeed"),
                 "items_vs_distaccum": _ratio(case, "distaccum_items", "distaccum"),
+                "items_vs_distaccum_cpu": _ratio(case, "distaccum_items", "distaccum", "median_cpu_s"),
             }
         )
     memory = [row["virtual_vs_real_micro"] for row in sweep if row["virtual_vs_real_micro"] is not None]
@@ -186,7 +197,8 @@ def format_report(results: dict[str, Any]) -> str:
         f"wall {env['wall_seconds']:.0f} s",
     ]
     header = (
-        f"{'method':<47} {'s/step':>8} {'IQR':>5} {'vs (b)':>7} {'grad red./step':>14} {'other coll.':>11} "
+        f"{'method':<47} {'s/step':>8} {'IQR':>5} {'vs (b)':>7} {'CPU s':>7} {'vs (b)':>7} {'grad red./step':>14} "
+        f"{'other coll.':>11} "
         f"{memory_kind + '/rank':>18} {'vs (b)':>7} {'update vs (b)':>13}"
     )
     for case in results["cases"]:
@@ -201,7 +213,8 @@ def format_report(results: dict[str, Any]) -> str:
             agree = "" if entry["replicas_agree"] else " (replicas differ!)"
             lines.append(
                 f"{entry['label']:<47} {entry['median_s']:>8.4f} {entry['spread'] * 100:>4.0f}% "
-                f"{_fmt(entry['time_vs_no_sync'], '.3f'):>6}x {_counts(entry['gradient_reductions_per_step']):>14} "
+                f"{_fmt(entry['time_vs_no_sync'], '.3f'):>6}x {_fmt(entry['median_cpu_s'], '.4f'):>7} "
+                f"{_fmt(entry['cpu_vs_no_sync'], '.3f'):>6}x {_counts(entry['gradient_reductions_per_step']):>14} "
                 f"{_counts(entry['other_collectives_per_step']):>11} {_fmt(entry['peak_mib'], '.0f'):>18} "
                 f"{_fmt(entry['peak_vs_no_sync'], '.3f'):>7} {entry['update_mismatch_vs_no_sync']:>13.1e}{agree}"
             )
@@ -226,10 +239,11 @@ def format_report(results: dict[str, Any]) -> str:
         lines.append(
             f"  {row['model']} k={row['accum_steps']}: reductions/step distaccum {_counts(red.get('distaccum', '-'))} "
             f"vs sync-every {_counts(red.get('sync_every', '-'))}; time distaccum/no_sync "
-            f"{_fmt(row['distaccum_vs_no_sync'], '.3f')} (target <= {targets['time_target_distaccum_vs_no_sync']}), "
+            f"{_fmt(row['distaccum_vs_no_sync'], '.3f')} (CPU {_fmt(row['distaccum_vs_no_sync_cpu'], '.3f')}; "
+            f"target <= {targets['time_target_distaccum_vs_no_sync']}), "
             f"/accelerate {_fmt(row['distaccum_vs_accelerate'], '.3f')}, /deepspeed "
             f"{_fmt(row['distaccum_vs_deepspeed'], '.3f')} (target <= 1); num_items/plain "
-            f"{_fmt(row['items_vs_distaccum'], '.3f')}"
+            f"{_fmt(row['items_vs_distaccum'], '.3f')} (CPU {_fmt(row['items_vs_distaccum_cpu'], '.3f')})"
         )
     lines.append(
         f"  memory: max virtual(micro x k)/real(micro) {_fmt(targets['memory_virtual_vs_real_micro_max'], '.3f')} "

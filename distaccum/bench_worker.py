@@ -68,7 +68,7 @@ def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context) -> dict
     # Accelerate and DeepSpeed may change the thread count when they start; every method gets the same.
     torch.set_num_threads(spec["threads"])
     records: dict[str, dict[str, list[Any]]] = {
-        name: {"seconds": [], "gradient_reductions": [], "other_collectives": []} for name in names
+        name: {"seconds": [], "cpu_seconds": [], "gradient_reductions": [], "other_collectives": []} for name in names
     }
     for round_index in range(spec["warmup"] + spec["rounds"]):
         batches = round_batches(
@@ -86,12 +86,13 @@ def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context) -> dict
             torch_dist.barrier()
             _sync_device(ctx.device)
             ctx.counter.reset()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             method.step(prepared)
             _sync_device(ctx.device)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             if round_index >= spec["warmup"]:
                 records[name]["seconds"].append(elapsed)
+                records[name]["cpu_seconds"].append(cpu)
                 records[name]["gradient_reductions"].append(ctx.counter.gradient_reductions)
                 records[name]["other_collectives"].append(ctx.counter.other_collectives)
     # Same seed, same data, same number of steps: every method should have made the same update as (b).
