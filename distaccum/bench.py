@@ -270,6 +270,7 @@ def run_benchmark(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "backend": "nccl" if torch.cuda.is_available() else "gloo",
         "threads_per_rank": config.rank_threads,
+        "allocator_environment": _allocator_environment(),
         "load_average_before": list(load_before),
         "load_average_after": list(os.getloadavg()),
         "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -279,8 +280,14 @@ def run_benchmark(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
     return summarize(raw, config=dataclasses.asdict(config), environment=environment, models=models)
 
 
+def _allocator_environment() -> dict[str, str]:
+    # glibc's malloc tunables change peak RSS (freed tensors kept on the heap or returned); they belong to the
+    # command that produced a figure.
+    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("MALLOC_")}
+
+
 def command_line(config: BenchConfig) -> str:
-    """The ``distaccum bench`` command that reproduces ``config`` (every knob spelled out)."""
+    """The ``distaccum bench`` command that reproduces ``config`` (every knob spelled out, allocator env first)."""
     parts = [
         f"--nproc {config.nproc}",
         "--models " + " ".join(config.models),
@@ -300,7 +307,8 @@ def command_line(config: BenchConfig) -> str:
         *([f"--threads {config.threads}"] if config.threads else []),
         *([f"--seed {config.seed}"] if config.seed else []),
     ]
-    return "distaccum bench " + " ".join(parts)
+    prefix = "".join(f"{name}={value} " for name, value in _allocator_environment().items())
+    return prefix + "distaccum bench " + " ".join(parts)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
