@@ -277,7 +277,8 @@ def run_benchmark(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
         "wall_seconds": round(time.time() - started, 1),
     }
     models = {name: model_spec(name, config.size).description for name in config.models}
-    return summarize(raw, config=dataclasses.asdict(config), environment=environment, models=models)
+    results = summarize(raw, config=dataclasses.asdict(config), environment=environment, models=models)
+    return {"command": command_line(config), **results}
 
 
 def _allocator_environment() -> dict[str, str]:
@@ -360,7 +361,6 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
     )
     results = run_benchmark(config, log=lambda line: print(line, file=sys.stderr, flush=True))
-    results["command"] = command_line(config)
     text = format_report(results)
     print(text)
     if args.json:
