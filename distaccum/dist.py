@@ -96,7 +96,22 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> torch.device:
         torch.cuda.set_device(dev)
     if is_initialized() or world_size() == 1:
         return dev
-    torch_dist.init_process_group(backend=backend or default_backend(), timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None and "MASTER_ADDR" in os.environ:
+        # torchrun --max-restarts keeps one store across restarts: without a per-attempt prefix, the restarted
+        # workers can read the gloo addresses of the workers they replace and fail ("connectFullMesh ...
+        # Connection refused"), about one restart in two on CPU.
+        store, rank_, world = next(torch_dist.rendezvous("env://", timeout=timeout))
+        torch_dist.init_process_group(
+            backend=backend or default_backend(),
+            store=torch_dist.PrefixStore(f"distaccum/restart-{restart}", store),
+            rank=rank_,
+            world_size=world,
+            timeout=timeout,
+        )
+        return dev
+    torch_dist.init_process_group(backend=backend or default_backend(), timeout=timeout)
     return dev
 
 

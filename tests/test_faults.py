@@ -356,3 +356,70 @@ def test_resume_plan_lists_the_world_sizes_that_can_resume(checkpoint_roundtrips
         ValueError, match=r"world_size 4 cannot keep global_batch_size 24 .* valid world sizes: 1, 2, 3, 6"
     ):
         checkpoint.resume_plan(directory / "fsdp2", world_size=4)
+
+
+# -------------------------------------------------------------------------- a killed rank under torchrun
+KILLED_RUN_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def killed_rank_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """examples/train.py on 2 ranks under torchrun --max-restarts 1; the test SIGKILLs rank 1 once the first
+    checkpoint exists. Nothing in the training code knows about it."""
+    import psutil
+
+    from tests.test_examples import EXAMPLES, SIZES, start
+
+    directory = tmp_path_factory.mktemp("killed")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), EXAMPLES / "train.py", *SIZES]
+    command += ["--steps", str(KILLED_RUN_STEPS), "--checkpoint-dir", directory / "ckpt", "--checkpoint-every", "10"]
+    command += ["--save", directory / "weights.pt"]
+    process = start(command)
+    agent = psutil.Process(process.pid)
+    try:
+        deadline = time.monotonic() + 180
+        while checkpoint.latest(directory / "ckpt") is None:
+            assert process.poll() is None, "the job ended before its first checkpoint:\n" + process.communicate()[0]
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.01)
+        victims = [
+            child
+            for child in agent.children(recursive=True)
+            if "train.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == "1"
+        ]
+        assert len(victims) == 1, victims
+        victims[0].kill()  # SIGKILL: no handler, no clean-up, as an OOM killer or a lost node would do it
+        output, _ = process.communicate(timeout=240)
+    finally:
+        # torchrun starts each worker in its own session: a hang must not leave them behind.
+        if process.poll() is None:
+            for child in agent.children(recursive=True):
+                child.kill()
+            process.kill()
+            process.communicate()
+    return {"code": process.returncode, "output": output, "directory": directory}
+
+
+def test_a_killed_rank_restarts_from_the_last_checkpoint_with_the_same_weights(killed_rank_run):
+    from tests.test_examples import reference_weights
+
+    output = killed_rank_run["output"]
+    assert killed_rank_run["code"] == 0, output[-4000:]
+    assert re.search(r"failed \(exitcode: -9\) local_rank: 1", output), output[-4000:]  # torchrun saw the kill
+    resumed = [int(step) for step in re.findall(r"resumed from \S+ at step (\d+)", output)]
+    assert len(resumed) == 1 and 10 <= resumed[0] < KILLED_RUN_STEPS, output[-4000:]
+    weights = torch.load(killed_rank_run["directory"] / "weights.pt", weights_only=True)
+    assert max_relative_error(weights, reference_weights(KILLED_RUN_STEPS)) <= EXACT
+
+
+def test_the_two_rank_checkpoint_resumes_on_one_process_with_the_same_weights(killed_rank_run):
+    from tests.test_examples import EXAMPLES, SIZES, launch, reference_weights
+
+    directory = killed_rank_run["directory"]
+    steps = KILLED_RUN_STEPS + 5
+    command = [sys.executable, EXAMPLES / "train.py", *SIZES, "--steps", str(steps)]
+    output = launch([*command, "--checkpoint-dir", directory / "ckpt", "--save", directory / "elastic.pt"])
+    assert f"at step {KILLED_RUN_STEPS}" in output and "accum_steps 4 x micro_batch_size 8 x world_size 1" in output
+    weights = torch.load(directory / "elastic.pt", weights_only=True)
+    assert max_relative_error(weights, reference_weights(steps)) <= EXACT
