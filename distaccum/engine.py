@@ -20,6 +20,13 @@ the summed gradient is corrected once at the boundary, after the backend reduced
 
 The same scalar all-reduce carries the window's loss (so :attr:`Accumulator.last_step` reports the true
 window loss over all ranks), the micro-step count and a cheap check that all ranks are at the same step.
+
+Faults. Uneven data across ranks: :meth:`Accumulator.iterate` agrees once per window (one scalar all-reduce)
+on how many micro-batches every rank still has; the window where the first rank runs out is cut to that
+number on all ranks and steps as the exact mean of what they trained on (or is dropped, ``drop_last=True``).
+Exact resume: :meth:`Accumulator.state_dict` with ``include_grads=True`` keeps an unfinished window's
+gradients (plain and DDP models, where they live in ``param.grad``); a boundary state loads into a job of
+another world size with the same global and micro batch (elastic restart).
 """
 
 from __future__ import annotations

@@ -401,6 +401,7 @@ def killed_rank_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"code": process.returncode, "output": output, "directory": directory}
 
 
+@pytest.mark.slow
 def test_a_killed_rank_restarts_from_the_last_checkpoint_with_the_same_weights(killed_rank_run):
     from tests.test_examples import reference_weights
 
@@ -413,6 +414,7 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint_with_the_same_weights(k
     assert max_relative_error(weights, reference_weights(KILLED_RUN_STEPS)) <= EXACT
 
 
+@pytest.mark.slow
 def test_the_two_rank_checkpoint_resumes_on_one_process_with_the_same_weights(killed_rank_run):
     from tests.test_examples import EXAMPLES, SIZES, launch, reference_weights
 
