@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,6 +19,7 @@ import pytest
 import torch
 
 from tests.common import max_relative_error
+from tests.launchers import free_port, kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -55,13 +54,6 @@ def reference_weights(steps: int, lr_decay: float | None = None, seed: int = 0) 
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
-def free_port() -> int:
-    """A port the OS just handed out on loopback (never a fixed port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def user_env(**extra: str) -> dict[str, str]:
     """The environment of a user in an activated venv: its bin/ first on PATH, no rank variables inherited."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TORCHELASTIC_", "PYTEST_"))}
@@ -89,7 +81,7 @@ def finish(process: subprocess.Popen[str], timeout_s: float = LAUNCH_TIMEOUT_S) 
     try:
         output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_tree(process.pid)
         output, _ = process.communicate()
         pytest.fail(f"{process.args} still running after {timeout_s:.0f} s (killed):\n{output[-4000:]}")
     return process.returncode, output
