@@ -1,8 +1,9 @@
-"""``distaccum bench``: step time, gradient reductions and peak memory of seven ways to accumulate.
+"""``distaccum bench``: step time, gradient reductions and peak memory of eight ways to accumulate.
 
 The contenders (:mod:`distaccum.bench_methods`): (a) DDP with an all-reduce on every micro-batch, (b) the
 hand-written ``no_sync`` loop, (c) distaccum, (g) distaccum with ``num_items``, (d) Accelerate's
-``accumulate``, (e) DeepSpeed ZeRO 0, (f) the real batch ``micro x k`` in one pass. The models
+``accumulate``, (e) DeepSpeed ZeRO 0, (h) distaccum driving a DeepSpeed engine (the integration), (f) the real
+batch ``micro x k`` in one pass. The models
 (:mod:`distaccum.bench_models`): a 16.8M-parameter MLP (communication-heavy) and a small causal transformer
 over ragged token sequences (activation-heavy).
 
@@ -181,7 +182,8 @@ def launch(job: dict[str, Any], nproc: int, timeout_s: float, workdir: Path) -> 
                 f"bench job {job['kind']} did not finish in {timeout_s:.0f} s; ranks killed. Logs:\n{logs}"
             )
         failed = {rank: logs[rank] for rank, process in enumerate(processes) if process.returncode != 0}
-        if failed and attempt == 0 and any(os.strerror(errno.EADDRINUSE) in text for text in failed.values()):
+        in_use = (os.strerror(errno.EADDRINUSE).lower(), "eaddrinuse")
+        if failed and attempt == 0 and any(mark in text.lower() for text in failed.values() for mark in in_use):
             continue  # another program took the free port between probe and bind: retry once on a new one
         if failed:
             details = "\n".join(

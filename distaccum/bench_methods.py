@@ -1,4 +1,4 @@
-"""The benchmark's contenders: seven ways to run one optimizer step of ``accum_steps`` micro-batches.
+"""The benchmark's contenders: eight ways to run one optimizer step of ``accum_steps`` micro-batches.
 
 Each method builds its own copy of the model from the same seed, takes the same micro-batches and does one
 optimizer step per :meth:`Method.step`. Communication is counted while it runs: gradient reductions of DDP
