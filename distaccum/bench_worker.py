@@ -33,8 +33,11 @@ def _sync_device(device: torch.device) -> None:
 
 
 def _current_rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:  # no /proc (macOS): the start-of-run figure is only informative
+        return 0
 
 
 def _peak_rss_bytes() -> int:
