@@ -45,7 +45,7 @@ from torch import nn
 
 from distaccum import dist, integrations
 from distaccum.plan import BatchPlan
-from distaccum.sync import DDPSync, GradSync, select_sync
+from distaccum.sync import GradSync, select_sync
 
 T = TypeVar("T")
 
@@ -579,7 +579,7 @@ class Accumulator:
     def grads_in_params(self) -> bool:
         """Whether the window's unsynced gradients live in ``param.grad`` (plain module, DDP), so that
         :meth:`state_dict` can save them mid-window; False for FSDP and DeepSpeed."""
-        return type(self._sync) in (GradSync, DDPSync)
+        return self._sync.grads_in_params
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the ranks' agreement is checked again at the next micro-step.

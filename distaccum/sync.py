@@ -32,6 +32,9 @@ class GradSync:
     name: ClassVar[str] = "plain"
     owns_step: ClassVar[bool] = False
     """True when the wrapped engine steps, clips and scales by itself (DeepSpeed)."""
+    grads_in_params: ClassVar[bool] = True
+    """True when gradients accumulated without sync live in ``param.grad`` (so a mid-window state can hold
+    them); False for wrappers that accumulate in private buffers (FSDP, DeepSpeed)."""
 
     def __init__(self, model: nn.Module, world_size: int) -> None:
         self.model = model
@@ -110,6 +113,7 @@ class DDPSync(GradSync):
 
 class _ShardedFlushMixin:
     name: ClassVar[str]
+    grads_in_params: ClassVar[bool] = False
 
     def reduce_pending(self, params: Params) -> None:
         raise ValueError(

@@ -91,6 +91,7 @@ class DeepSpeedSync(GradSync):
 
     name = "deepspeed"
     owns_step: ClassVar[bool] = True
+    grads_in_params: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, world_size: int) -> None:
         super().__init__(model, world_size)
