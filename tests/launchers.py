@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
+import subprocess
+import sys
 
 import psutil
 
@@ -23,3 +26,21 @@ def kill_tree(pid: int) -> None:
         for process in [*parent.children(recursive=True), parent]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(signal.SIGKILL)
+
+
+def run_torchrun(nproc: int, *script_and_args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc_per_node N script args`` on loopback with a free port, one thread per rank, bounded."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *script_and_args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)

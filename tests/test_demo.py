@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launchers import free_port
+from tests.launchers import run_torchrun
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
 
@@ -31,22 +30,7 @@ def test_demo_single_process():
 
 @pytest.mark.slow
 def test_demo_under_torchrun_two_ranks():
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(DEMO),
-        "--steps",
-        "4",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    result = run_torchrun(2, str(DEMO), "--steps", "4")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "accum_steps 4 x micro_batch_size 8 x world_size 2 (backend: ddp" in result.stdout
     assert 0 < equivalence_figure(result.stdout) <= 1e-6

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -77,25 +75,11 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_torchrun_job_using_run_exits_cleanly(tmp_path):
-    from tests.launchers import free_port
+    from tests.launchers import run_torchrun
 
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
     for attempt in range(2):
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            str(script),
-        ]
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
+        result = run_torchrun(2, str(script), timeout_s=120)
         assert result.returncode == 0, f"attempt {attempt}: {result.stdout}\n{result.stderr}"
         assert "terminate called" not in result.stderr
