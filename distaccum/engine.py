@@ -10,13 +10,14 @@ the summed gradient is corrected once at the boundary, after the backend reduced
   it really had.
 * with ``num_items=n``, the loss (a mean over ``n`` items) is multiplied by ``n / (c * accum_steps)``, where
   ``c`` is a rank-consistent estimate of items per micro-step (the global mean of the previous window; for
-  the first window the largest ``n`` over ranks at the first micro-step where any rank has items: one extra
-  scalar all-reduce per run). The gradient is then ``sum(n_i * g_i) / (c * k * W)`` after the backend's
-  average, and one scalar all-reduce of the window's item count ``N`` at the boundary gives the exact factor
-  ``c * k * W / N``. Why this and not pre-counting the window: it needs no look-ahead
-  into the data, works identically for DDP, FSDP1, FSDP2 and DeepSpeed (the correction is applied to reduced
-  gradients, never to the backend's private buffers), and keeps the scaled loss at the magnitude of a plain
-  ``loss / accum_steps``, so an fp16 ``GradScaler`` never sees a loss multiplied by a token count.
+  the first window the mean ``n`` over ranks at the first micro-step where any rank has items, from one extra
+  scalar all-reduce per run that also checks that all ranks give ``num_items`` or none do). The gradient is
+  then ``sum(n_i * g_i) / (c * k * W)`` after the backend's average, and one scalar all-reduce of the
+  window's item count ``N`` at the boundary gives the exact factor ``c * k * W / N``. Why this and not
+  pre-counting the window: it needs no look-ahead into the data, works identically for DDP, FSDP1, FSDP2 and
+  DeepSpeed (the correction is applied to reduced gradients, never to the backend's private buffers), and
+  keeps the scaled loss at the magnitude of a plain ``loss / accum_steps``, so an fp16 ``GradScaler`` never
+  sees a loss multiplied by a token count.
 
 The same scalar all-reduce carries the window's loss (so :attr:`Accumulator.last_step` reports the true
 window loss over all ranks), the micro-step count and a cheap check that all ranks are at the same step.
@@ -69,6 +70,13 @@ class StepResult:
     """Global gradient 2-norm before clipping (None when the backend steps by itself and does not say)."""
     skipped: bool
     """True when the optimizer did not step (non-finite gradient, GradScaler overflow, zero items)."""
+
+
+def _item_count(num_items: int | torch.Tensor) -> int:
+    count = int(num_items.item()) if isinstance(num_items, torch.Tensor) else int(num_items)
+    if count < 0 or count != num_items:
+        raise ValueError(f"num_items must be a non-negative integer, got {num_items!r}")
+    return count
 
 
 class Accumulator:
@@ -154,6 +162,7 @@ class Accumulator:
         self._item_scale: float | None = None
         self._in_micro_step = False
         self._agreed = False
+        self._items_agreed = False
         self._end_of_data = False  # set by iterate(): the next micro-step is the last one of the data
         self._micro_steps_run = 0
         self.dropped_micro_batches = 0
@@ -266,15 +275,13 @@ class Accumulator:
                 "micro-step or in none."
             )
         self._window_mode = mode
+        count = None if num_items is None else _item_count(num_items)
+        if not self._items_agreed or (count is not None and self._item_scale is None):
+            self._agree_on_items(count)
         detached = loss.detach().to(torch.float64)
-        if num_items is None:
+        if count is None:
             scale = 1.0 / self.plan.accum_steps
         else:
-            count = int(num_items.item()) if isinstance(num_items, torch.Tensor) else int(num_items)
-            if count < 0 or count != num_items:
-                raise ValueError(f"num_items must be a non-negative integer, got {num_items!r}")
-            if self._item_scale is None:
-                self._item_scale = self._first_item_scale(count)
             # While no rank has seen an item yet, every rank's count is 0 and so is its scale.
             scale = count / (self._item_scale * self.plan.accum_steps) if self._item_scale else 0.0
             self._window_items += count
@@ -399,15 +406,29 @@ class Accumulator:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def _first_item_scale(self, count: int) -> float | None:
-        # None until some rank has items: a fallback of 1 would scale the rest of the first window by raw item
-        # counts (fp16 overflow). All ranks get the same MAX, so they repeat this collective in lockstep.
-        largest = float(count)
+    def _agree_on_items(self, count: int | None) -> None:
+        """First backward of a run: ranks agree on giving ``num_items`` and on the first items-per-micro-step
+        estimate ``c``, with one scalar all-reduce, so that a rank without ``num_items`` fails here, on every
+        rank, instead of mismatching collectives later."""
+        local = [float(count is not None), float(count or 0)]
         if self._distributed:
-            reduced = torch.tensor([largest], dtype=torch.float64, device=self._comm_device)
-            torch_dist.all_reduce(reduced, op=torch_dist.ReduceOp.MAX)
-            largest = float(reduced.item())
-        return largest if largest > 0 else None
+            reduced = torch.tensor(local, dtype=torch.float64, device=self._comm_device)
+            torch_dist.all_reduce(reduced)
+            local = reduced.tolist()
+        giving, items = int(local[0]), local[1]
+        world = self.plan.world_size if self._distributed else 1
+        if 0 < giving < world:
+            raise RuntimeError(
+                f"{giving} of {world} ranks gave num_items to acc.backward() and the others did not (this rank "
+                f"{'did' if count is not None else 'did not'}); every rank must call acc.backward(loss, "
+                "num_items=...) alike."
+            )
+        self._items_agreed = True
+        # None until some rank has items: a fallback of 1 would scale the rest of the first window by raw item
+        # counts (fp16 overflow). Every rank computes the same value, so all repeat this in lockstep meanwhile.
+        # Never changed mid-window: the gradients accumulated so far were scaled with it.
+        if giving and self._item_scale is None and items > 0:
+            self._item_scale = items / giving
 
     def _window_stats(self) -> tuple[float, float, int, bool]:
         """(items, loss sum, micro-steps, item mode) over all ranks; checks the ranks agree on the step."""
@@ -628,6 +649,7 @@ class Accumulator:
         self._window_loss = None if loss is None else torch.tensor(loss, dtype=torch.float64)
         self._window_mode = state["window_mode"]
         self._agreed = False
+        self._items_agreed = False
         if grads is not None:
             for param, grad in zip(self._params, grads, strict=True):
                 param.grad = None if grad is None else grad.detach().to(param.device, param.dtype).clone()

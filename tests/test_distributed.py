@@ -95,3 +95,22 @@ def plan_for_one_rank(rank: int, world_size: int) -> None:
 def test_plan_that_disagrees_with_live_world_size_is_refused():
     with pytest.raises(AssertionError, match=r"plan.world_size is 1 but this job runs 2 rank\(s\)"):
         run_ranks(plan_for_one_rank, timeout_s=60)
+
+
+def num_items_on_one_rank_only(rank: int, world_size: int) -> None:
+    model = nn.parallel.DistributedDataParallel(make_model())
+    plan = BatchPlan(global_batch_size=16, micro_batch_size=4)
+    acc = Accumulator(model, make_optimizer("sgd", model.parameters()), plan)
+    inputs, targets = make_data(1, 4)
+    with acc.micro_step():
+        loss = loss_fn(model(inputs[0]), targets[0])
+        acc.backward(loss, num_items=4) if rank == 0 else acc.backward(loss)
+
+
+def test_num_items_on_some_ranks_only_fails_on_every_rank():
+    with pytest.raises(AssertionError) as failure:
+        run_ranks(num_items_on_one_rank_only, timeout_s=60)
+    message = str(failure.value)
+    assert "--- rank 0 failed" in message and "--- rank 1 failed" in message
+    assert "1 of 2 ranks gave num_items to acc.backward() and the others did not (this rank did)" in message
+    assert "(this rank did not)" in message
