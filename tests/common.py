@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -78,3 +79,24 @@ def max_relative_error(actual: dict[str, torch.Tensor], expected: dict[str, torc
         float((actual[k].double() - expected[k].double()).norm() / expected[k].double().norm().clamp_min(1e-30))
         for k in expected
     )
+
+
+@contextlib.contextmanager
+def count_calls(module: object, names: tuple[str, ...], counter: list[int]) -> Iterator[None]:
+    """Adds 1 to ``counter[0]`` on every call of ``module.<name>`` inside the block (the real function runs)."""
+    originals = {name: getattr(module, name) for name in names}
+
+    def counting(original):
+        def call(*args, **kwargs):
+            counter[0] += 1
+            return original(*args, **kwargs)
+
+        return call
+
+    for name, original in originals.items():
+        setattr(module, name, counting(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(module, name, original)

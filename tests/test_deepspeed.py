@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from distaccum import Accumulator, BatchPlan
-from tests.common import loss_fn, make_data, make_model, make_optimizer, max_relative_error
+from tests.common import count_calls, loss_fn, make_data, make_model, make_optimizer, max_relative_error
 from tests.launchers import free_port
 from tests.spawn import run_ranks
 
@@ -106,23 +106,8 @@ def _count_reductions(counter: list[int]) -> Iterator[None]:
     """Counts the gradient reductions DeepSpeed issues (through torch.distributed) inside the block."""
     import torch.distributed as torch_dist
 
-    names = ("all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter")
-    originals = {name: getattr(torch_dist, name) for name in names}
-
-    def counting(original):
-        def call(*args, **kwargs):
-            counter[0] += 1
-            return original(*args, **kwargs)
-
-        return call
-
-    for name, original in originals.items():
-        setattr(torch_dist, name, counting(original))
-    try:
+    with count_calls(torch_dist, ("all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter"), counter):
         yield
-    finally:
-        for name, original in originals.items():
-            setattr(torch_dist, name, original)
 
 
 def _train_stage(rank: int, stage: int) -> dict:

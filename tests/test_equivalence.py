@@ -12,6 +12,7 @@ from torch import nn
 
 from distaccum import Accumulator, BatchPlan
 from tests.common import (
+    count_calls,
     loss_fn,
     make_data,
     make_model,
@@ -68,22 +69,8 @@ def count_reductions(model: nn.Module, backend: str) -> Iterator[list[int]]:
         model.register_comm_hook(None, hook)
         yield counter
         return
-    originals = {name: getattr(torch_dist, name) for name in ("reduce_scatter_tensor", "reduce_scatter_single")}
-
-    def counting(original):
-        def call(*args, **kwargs):
-            counter[0] += 1
-            return original(*args, **kwargs)
-
-        return call
-
-    for name, original in originals.items():
-        setattr(torch_dist, name, counting(original))
-    try:
+    with count_calls(torch_dist, ("reduce_scatter_tensor", "reduce_scatter_single"), counter):
         yield counter
-    finally:
-        for name, original in originals.items():
-            setattr(torch_dist, name, original)
 
 
 def train_backend(rank: int, world_size: int, backend: str) -> dict:
