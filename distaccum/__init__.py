@@ -3,7 +3,7 @@
 >>> from distaccum import Accumulator, BatchPlan
 """
 
-from distaccum.engine import Accumulator, StepResult
+from distaccum.accumulator import Accumulator, StepResult
 from distaccum.plan import BatchPlan
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 import sys
 
-from distaccum.cli import main
+from distaccum.tools.cli import main
 
 sys.exit(main())

@@ -42,14 +42,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from distaccum import dist
-from distaccum.engine import Accumulator
+from distaccum import backends, dist
+from distaccum.accumulator import Accumulator
 from distaccum.plan import BatchPlan
 
 FORMAT_VERSION = 1
@@ -68,27 +68,21 @@ def unwrap(model: nn.Module) -> nn.Module:
         True
     """
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
-            model = cast(nn.Module, model.module)
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
+        inner = backends.backend_class(model).inner(model)
+        if inner is None:  # torch.compile keeps the module it compiled as _orig_mod
+            compiled = getattr(model, "_orig_mod", None)
+            inner = compiled if isinstance(compiled, nn.Module) else None
+        if inner is None:
             return model
+        model = inner
 
 
-def _check_supported(model: nn.Module) -> None:
-    if type(model).__name__ == "DeepSpeedEngine":
-        raise ValueError(
-            "distaccum.checkpoint does not save DeepSpeed engines: ZeRO shards the optimizer state over ranks. "
-            "Use engine.save_checkpoint(dir) / engine.load_checkpoint(dir) and store accumulator.state_dict() "
-            "in client_state."
-        )
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    return isinstance(model, FullyShardedDataParallel | FSDPModule)
+def _layout(model: nn.Module) -> str:
+    """How ``model``'s backend lays out its state ("replicated" or "sharded"); refuses what cannot be saved."""
+    backend = backends.backend_class(model)
+    if backend.checkpoint_refusal is not None:
+        raise ValueError(backend.checkpoint_refusal)
+    return backend.checkpoint_layout
 
 
 def _barrier() -> None:
@@ -163,10 +157,9 @@ def save(
             "gradients accumulated so far are not saved. Save right after an optimizer step (when acc.stepped "
             "is True), or pass include_grads=True (plain and DDP models) to save them too."
         )
-    _check_supported(model)
+    sharded = _layout(model) == "sharded"
     # Raises for FSDP mid-window on every rank before anything is written.
     grads = accumulator.state_dict(include_grads=True).get("grads") if position else None
-    sharded = _is_sharded(model)
     root = Path(directory)
     name = f"step-{accumulator.optimizer_steps:08d}" + (f"-micro-{position:04d}" if position else "")
     final = root / name
@@ -257,7 +250,7 @@ def load(
             plan's global or micro batch differs from the accumulator's, it is mid-window and the world size
             changed, a replicated checkpoint meets a sharded model, or the model is a DeepSpeed engine.
     """
-    _check_supported(model)
+    sharded_model = _layout(model) == "sharded"
     path = latest(directory)
     if path is None:
         return None
@@ -271,7 +264,7 @@ def load(
                 f"{field} as the run that saved it"
             )
     sharded = bool(meta.get("sharded"))
-    if not sharded and _is_sharded(model):
+    if not sharded and sharded_model:
         raise ValueError(
             f"checkpoint {path} holds a replicated model's state but model is a sharded {type(model).__name__}; "
             "resume it with the plain or DDP model that saved it"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -79,6 +80,16 @@ def device() -> torch.device:
 def default_backend() -> str:
     """``nccl`` with CUDA, ``gloo`` otherwise."""
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the OS just handed out on ``host``, for a rendezvous on this machine (never a fixed port).
+
+    Another process may take it before it is bound again: launchers that use it retry on ``EADDRINUSE``.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
 
 
 def init(backend: str | None = None, timeout_s: float = 600.0) -> torch.device:

@@ -156,6 +156,44 @@ class BatchPlan:
             global_batch_size=self.global_batch_size, micro_batch_size=self.micro_batch_size, world_size=world
         )
 
+    def check_world_size(self, world_size: int | None = None) -> None:
+        """Refuse a plan made for another number of ranks than ``world_size`` (default: this job's).
+
+        Raises:
+            ValueError: they differ; the global batch would be wrong. The message gives the re-plan call.
+
+        Example:
+            >>> BatchPlan(global_batch_size=8, micro_batch_size=4, world_size=1).check_world_size(1)
+        """
+        live = dist.world_size() if world_size is None else world_size
+        if self.world_size != live:
+            raise ValueError(
+                f"plan.world_size is {self.world_size} but this job runs {live} rank(s): the global batch would "
+                f"be wrong. Re-plan for the live world size: plan = plan.for_world_size({live})"
+            )
+
+    def check_resume_from(self, saved: BatchPlan, micro_step: int) -> None:
+        """Refuse to resume a state saved with ``saved`` at ``micro_step`` of its window under this plan.
+
+        A boundary state (``micro_step`` 0) resumes under any plan with the same global and micro batch (an
+        elastic restart re-derives ``accum_steps``); a mid-window one only under the same plan.
+
+        Raises:
+            ValueError: another global or micro batch, or another world size mid-window.
+        """
+        if (saved.global_batch_size, saved.micro_batch_size) != (self.global_batch_size, self.micro_batch_size):
+            raise ValueError(
+                f"checkpoint was made with plan ({saved}) but this accumulator has ({self}); build the "
+                f"plan from the checkpoint: BatchPlan.from_dict(state['plan']).for_world_size(world_size)"
+            )
+        if saved != self and micro_step:
+            raise ValueError(
+                f"checkpoint was taken mid-window (micro-step {micro_step} of {saved.accum_steps}) on "
+                f"{saved.world_size} rank(s) and cannot resume on {self.world_size}: the window's unreduced "
+                f"gradients belong to ranks of the old job. Resume it on {saved.world_size} rank(s), or from a "
+                "checkpoint taken at a window boundary (those resume on any valid world size)."
+            )
+
     def as_dict(self) -> dict[str, int]:
         """The four sizes as a plain dict (for checkpoints and logs)."""
         return dataclasses.asdict(self)

@@ -6,7 +6,6 @@ import os
 from collections.abc import Iterator
 
 import pytest
-import torch
 import torch.distributed as torch_dist
 
 _RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
@@ -22,15 +21,3 @@ def clean_distributed_state() -> Iterator[None]:
         torch_dist.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
-
-
-def requires_cuda(count: int = 1) -> pytest.MarkDecorator:
-    """The one place CUDA cases are skipped: on machines with fewer than ``count`` GPUs."""
-    return pytest.mark.skipif(
-        torch.cuda.device_count() < count, reason=f"needs {count} CUDA GPU(s); this machine has none or fewer"
-    )
-
-
-def hardware_params() -> list[object]:
-    """Parametrize one test body over devices: CPU always, CUDA where present (skipped, not faked, elsewhere)."""
-    return ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda()])]

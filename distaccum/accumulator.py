@@ -1,0 +1,350 @@
+"""The call path: ``micro_step`` -> ``backward`` -> at the boundary: one scalar all-reduce -> factor -> scale ->
+step -> scheduler -> :class:`StepResult`.
+
+The arithmetic of the window lives in :mod:`distaccum.weighting`, the scalar collectives in
+:mod:`distaccum.collectives`, and everything that depends on the model wrapper in :mod:`distaccum.backends`.
+Uneven data across ranks is handled by :mod:`distaccum.uneven` (:meth:`Accumulator.iterate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import torch
+from torch import nn
+
+from distaccum import backends, collectives, integrations, uneven
+from distaccum.plan import BatchPlan
+from distaccum.weighting import WindowLedger, item_count
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the last window's optimizer step did, identical on every rank."""
+
+    step: int
+    """Optimizer steps attempted so far, this one included (skipped ones too)."""
+    loss: float
+    """The window loss over all ranks: the global item-weighted mean with ``num_items``, else the mean of
+    micro-batch losses. NaN when ``num_items`` was 0 in every micro-step of every rank (the step is skipped)."""
+    micro_steps: int
+    """Micro-steps in the window summed over ranks (``accum_steps x world_size`` unless it was short)."""
+    num_items: int | None
+    """Global item count of the window when ``num_items`` was given."""
+    grad_norm: float | None
+    """Global gradient 2-norm before clipping (None when the backend steps by itself and does not say)."""
+    skipped: bool
+    """True when the optimizer did not step (non-finite gradient, GradScaler overflow, zero items)."""
+
+
+class Accumulator:
+    """Gradient accumulation over ``plan.accum_steps`` micro-batches per optimizer step, on any backend.
+
+    Args:
+        model: the model the loss comes from: a plain module (one process), ``DistributedDataParallel``,
+            FSDP1, an FSDP2 ``fully_shard`` module, or a DeepSpeed engine.
+        optimizer: the optimizer over ``model``'s parameters.
+        plan: the batch plan; its ``world_size`` must equal the live one.
+        scheduler: stepped once per optimizer step that really happened.
+        max_grad_norm: clip the window's global gradient norm to this (None: no clipping).
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16; unscaled and updated once per step.
+        on_nonfinite: ``"skip"`` the step on all ranks when the gradient is NaN/inf (counted in
+            :attr:`skipped_steps`), or ``"raise"`` ``FloatingPointError``.
+        check_ranks: at the first micro-step, check that all ranks agree on the plan and their position.
+
+    Raises:
+        ValueError: bad argument, a plan made for another world size, or an unwrapped model on several ranks.
+
+    Example:
+        >>> model = nn.Linear(4, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> acc = Accumulator(model, optimizer, BatchPlan(global_batch_size=8, micro_batch_size=4))
+        >>> for x in torch.randn(4, 4, 4):
+        ...     with acc.micro_step():
+        ...         acc.backward(model(x).square().mean())
+        >>> acc.optimizer_steps
+        2
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        plan: BatchPlan,
+        *,
+        scheduler: Any | None = None,
+        max_grad_norm: float | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        on_nonfinite: Literal["skip", "raise"] = "skip",
+        check_ranks: bool = True,
+    ) -> None:
+        if not isinstance(plan, BatchPlan):
+            raise TypeError(f"plan must be a distaccum.BatchPlan, got {type(plan).__name__}")
+        plan.check_world_size()
+        # A library's wrapped optimizer/scheduler (accelerator.prepare) is driven through what it wraps, so that
+        # accumulation, loss scaling and scheduling happen once (distaccum.integrations).
+        optimizer, scheduler, grad_scaler = integrations.adapt(optimizer, scheduler, grad_scaler)
+        self._options = backends.StepOptions(
+            max_grad_norm=max_grad_norm, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite
+        )
+        self.model = model
+        self.optimizer = optimizer
+        self.plan = plan
+        self.scheduler = scheduler
+        self.max_grad_norm = max_grad_norm
+        self.grad_scaler = grad_scaler
+        self.on_nonfinite = on_nonfinite
+        self.check_ranks = check_ranks
+        self._backend = backends.select(model, plan.world_size)
+        self._backend.check_options(self._options)
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._window = WindowLedger(plan.accum_steps)
+        self.last_step: StepResult | None = None
+        """Result of the most recent optimizer step (None before the first)."""
+        self.stepped = False
+        """True when the most recent micro-step ended a window (an optimizer step was attempted)."""
+        self.optimizer_steps = 0
+        self.skipped_steps = 0
+        self.dropped_micro_batches = 0
+        """Micro-batches of this rank that :meth:`iterate` did not train on (see there)."""
+        self._in_micro_step = False
+        self._boundary_now = False
+        self._backward_done = False
+        self._agreed = False
+        self._end_of_data = False  # set by iterate(): the next micro-step is the last one of the data
+        self._micro_steps_run = 0
+
+    @property
+    def micro_step_in_window(self) -> int:
+        """Micro-steps already taken in the open window (0 right after a step)."""
+        return self._window.position
+
+    @property
+    def is_boundary(self) -> bool:
+        """Inside ``micro_step``: whether it ends the window. Outside: whether the next one will."""
+        if self._in_micro_step:
+            return self._boundary_now
+        return self._window.position + 1 >= self.plan.accum_steps
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend chosen for the model (``plain``, ``ddp``, ``fsdp1``, ``fsdp2``, ``deepspeed``)."""
+        return self._backend.name
+
+    @property
+    def grads_in_params(self) -> bool:
+        """Whether the window's unsynced gradients live in ``param.grad`` (plain module, DDP), so that
+        :meth:`state_dict` can save them mid-window; False for FSDP and DeepSpeed."""
+        return self._backend.grads_in_params
+
+    # -------------------------------------------------------------------------------------------- micro-step
+    @contextlib.contextmanager
+    def micro_step(self, *, last: bool = False) -> Iterator[Accumulator]:
+        """Run one forward and backward inside; gradient sync is skipped unless this micro-step ends the window.
+
+        Leaving the boundary micro-step runs, once: scaler unscale, clip, optimizer step, scaler update,
+        scheduler step, zero_grad.
+
+        Args:
+            last: the data ends here; make this micro-step the boundary of a (possibly short) window. All ranks
+                must pass it together.
+
+        Raises:
+            RuntimeError: nested ``micro_step``, or the block ended without :meth:`backward`.
+        """
+        if self._in_micro_step:
+            raise RuntimeError(
+                "acc.micro_step() is already active: micro-steps do not nest. Close the first `with` block "
+                "before opening the next (one micro-batch per micro_step)."
+            )
+        if self.check_ranks and not self._agreed:
+            self._check_agreement()
+        boundary = last or self._end_of_data or self._window.position + 1 >= self.plan.accum_steps
+        self._end_of_data = False
+        self._micro_steps_run += 1
+        self._in_micro_step = True
+        self._boundary_now = boundary
+        self._backward_done = False
+        self.stepped = False
+        try:
+            with contextlib.nullcontext() if boundary else self._backend.no_sync():
+                yield self
+            if not self._backward_done:
+                raise RuntimeError(
+                    "acc.micro_step() ended without acc.backward(loss): every micro-step must run exactly one "
+                    "backward so that all ranks take part in the gradient reduction. Call acc.backward(loss) "
+                    "inside the `with` block."
+                )
+        finally:
+            self._in_micro_step = False
+        self._window.position += 1
+        if boundary:
+            self._finish_window()
+
+    def backward(self, loss: torch.Tensor, *, num_items: int | torch.Tensor | None = None) -> None:
+        """Backward of ``loss`` scaled once for the window (and by the GradScaler, if any).
+
+        Args:
+            loss: scalar loss of this micro-batch, a mean over its samples (or over ``num_items`` items).
+            num_items: how many items (tokens not ignored, samples, pixels) ``loss`` averages over. When given,
+                the step's gradient is the sum of all item losses of the window over all ranks divided by the
+                global item count: ragged batches are weighted exactly. Zero is allowed (the loss is ignored,
+                also when it is NaN); its backward must still be finite, as that of ``F.cross_entropy`` with every
+                target ``ignore_index`` is (0 * NaN is NaN: divide a hand-made sum by ``count.clamp_min(1)``).
+
+        Raises:
+            RuntimeError: called outside ``micro_step`` or twice in one micro-step.
+            ValueError: ``loss`` is not a scalar, ``num_items`` is negative, or some micro-steps of a window give
+                ``num_items`` and others don't.
+        """
+        if not self._in_micro_step:
+            raise RuntimeError(
+                "acc.backward() was called outside `with acc.micro_step():`; the accumulator could not decide "
+                "whether to sync gradients. Put the forward and acc.backward(loss) inside the `with` block."
+            )
+        if self._backward_done:
+            raise RuntimeError(
+                "acc.backward() was called twice in one micro-step; add the losses and call it once "
+                "(acc.backward(loss_a + loss_b))."
+            )
+        if loss.dim() != 0:
+            raise ValueError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it (.mean())")
+        count = None if num_items is None else item_count(num_items)
+        if self._window.needs_item_agreement(count):
+            # First backward of a run: ranks agree on giving num_items (a rank without it fails here, on every
+            # rank, instead of mismatching collectives later) and seed the items-per-micro-step estimate.
+            self._window.agree_on_items(*collectives.agree_on_item_mode(count))
+        loss, scale = self._window.record(loss, count)
+        scaled = loss * scale
+        if self.grad_scaler is not None:
+            scaled = self.grad_scaler.scale(scaled)
+        self._backend.backward(scaled)
+        self._backward_done = True
+
+    # -------------------------------------------------------------------------------------------- boundary
+    def _finish_window(self) -> None:
+        totals = collectives.sum_checking_step(self._window.local_stats(), self.optimizer_steps)
+        window = self._window.close(totals, self._backend.averaging_ranks)
+        if window.factor != 1.0 and not window.skip:
+            self._backend.scale_grads(self._params, window.factor)
+        grad_norm, skipped = self._backend.step(
+            self.optimizer, self._params, self._options, skip=window.skip, number=self.optimizer_steps + 1
+        )
+        if not skipped and self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer_steps += 1
+        self.skipped_steps += int(skipped)
+        self.stepped = True
+        self.last_step = StepResult(
+            step=self.optimizer_steps,
+            loss=window.loss,
+            micro_steps=window.micro_steps,
+            num_items=window.num_items,
+            grad_norm=grad_norm,
+            skipped=skipped,
+        )
+        self._window.reset()
+
+    def flush(self) -> StepResult | None:
+        """Step a short last window at the end of data, normalized by what it really had.
+
+        Collective: every rank must call it (ranks with nothing pending too). Returns the step's result, or
+        None when no rank had a pending micro-step.
+        """
+        if self._in_micro_step:
+            raise RuntimeError("acc.flush() was called inside `with acc.micro_step():`; call it after the loop")
+        if collectives.sum_over_ranks([self._window.position])[0] == 0:
+            return None
+        self._backend.reduce_pending(self._params)
+        self._finish_window()
+        return self.last_step
+
+    def iterate(self, micro_batches: Iterable[T], *, drop_last: bool = False) -> Iterator[T]:
+        """Yield this rank's micro-batches so that ranks whose data ends at different points never hang.
+
+        Run each yielded micro-batch inside ``with acc.micro_step():``. The window in which the first rank runs
+        out is cut to the micro-batches every rank has, and steps as their exact mean (or is not stepped,
+        ``drop_last=True``); the surplus is counted in :attr:`dropped_micro_batches`. One scalar all-reduce per
+        window; see :mod:`distaccum.uneven`.
+
+        Raises:
+            RuntimeError: a yielded micro-batch was not run in exactly one ``acc.micro_step()``.
+
+        Example:
+            >>> model = nn.Linear(4, 1)
+            >>> acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
+            ...                   BatchPlan(global_batch_size=8, micro_batch_size=4))
+            >>> for x in acc.iterate(torch.randn(3, 4, 4)):  # 3 micro-batches: one full window and one short
+            ...     with acc.micro_step():
+            ...         acc.backward(model(x).square().mean())
+            >>> acc.optimizer_steps, acc.last_step.micro_steps
+            (2, 1)
+        """
+        return uneven.iterate(self, micro_batches, drop_last=drop_last)
+
+    def _check_agreement(self) -> None:
+        self._agreed = True
+        collectives.check_plan_agreement(self.plan, self._window.position, self.optimizer_steps)
+
+    def _discard_window(self) -> None:
+        # Unsynced local gradients of a window that will never step; no collective needed to drop them.
+        self.optimizer.zero_grad(set_to_none=True)
+        self._window.reset()
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self, *, include_grads: bool = False) -> dict[str, Any]:
+        """Counters and window position (plain Python values), for exact resume; mid-window also the gradients.
+
+        Args:
+            include_grads: also save the gradients accumulated so far in an unfinished window (under ``"grads"``,
+                one tensor or None per optimizer parameter), so that a resume mid-window loses nothing. Under
+                DDP they are this rank's own unreduced gradients: every rank must save its own state. At a
+                window boundary there are none (they were zeroed by the step) and nothing is added.
+
+        Raises:
+            ValueError: ``include_grads`` mid-window with a backend that accumulates in private buffers (FSDP,
+                DeepSpeed): checkpoint those at a window boundary.
+        """
+        position = self._window.position
+        state: dict[str, Any] = {
+            "plan": self.plan.as_dict(),
+            "optimizer_steps": self.optimizer_steps,
+            "skipped_steps": self.skipped_steps,
+            **self._window.state_dict(),
+        }
+        if include_grads and position:
+            where = f"micro-step {position} of {self.plan.accum_steps}"
+            state["grads"] = self._backend.window_grads(self._params, where)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the ranks' agreement is checked again at the next micro-step.
+
+        A boundary checkpoint may come from another world size with the same global and micro batch
+        (elastic resume): ``accum_steps`` is this job's plan's, and the optimizer step count carries on.
+
+        Raises:
+            ValueError: the saved plan has another global or micro batch; or another world size while the
+                checkpoint is mid-window; or saved gradients that do not fit this model.
+        """
+        saved = BatchPlan.from_dict(state["plan"])
+        position = int(state["micro_step"])
+        self.plan.check_resume_from(saved, position)
+        grads = state.get("grads")
+        if grads is not None:
+            self._backend.restore_window_grads(self._params, grads)
+        self._window.load_state_dict(state, with_grads=grads is not None)
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self._agreed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Accumulator({self.plan}, backend={self.backend}, step={self.optimizer_steps}, "
+            f"micro_step_in_window={self._window.position})"
+        )

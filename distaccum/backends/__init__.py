@@ -1,0 +1,65 @@
+"""One backend per model wrapper, chosen from the model: :func:`select`.
+
+The registry is ordered and names each backend by module and class, so a backend module is imported only
+when a model is matched against it, and one that needs an optional library (DeepSpeed) is considered only
+when the user has imported that library already: ``import distaccum`` imports none of them. Supporting a new
+wrapper is a new module here and a row in :data:`REGISTRY`, never a branch in the accumulator.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from torch import nn
+
+from distaccum.backends.base import Backend, StepOptions
+
+__all__ = ["REGISTRY", "Backend", "StepOptions", "backend_class", "select"]
+
+REGISTRY: tuple[tuple[str | None, str, str], ...] = (
+    # (library the user must have imported, or None; module; class), tried in order; Backend is the fallback.
+    ("deepspeed", "distaccum.backends.deepspeed", "DeepSpeedBackend"),
+    (None, "distaccum.backends.ddp", "DDPBackend"),
+    (None, "distaccum.backends.fsdp", "FSDP1Backend"),
+    (None, "distaccum.backends.fsdp", "FSDP2Backend"),
+)
+
+
+def _candidates() -> list[type[Backend]]:
+    found: list[type[Backend]] = []
+    for library, module, name in REGISTRY:
+        if library is None or library in sys.modules:
+            found.append(getattr(importlib.import_module(module), name))
+    return found
+
+
+def backend_class(model: nn.Module) -> type[Backend]:
+    """The backend class for ``model``'s wrapper (:class:`Backend` for a plain module)."""
+    for candidate in _candidates():
+        if candidate.matches(model):
+            return candidate
+    return Backend
+
+
+def select(model: nn.Module, world_size: int) -> Backend:
+    """The backend for ``model``; refuses an unwrapped model when ``world_size > 1``.
+
+    Raises:
+        ValueError: ``model`` is a plain module while ``world_size > 1`` (its gradients would never be
+            averaged across ranks), or the wrapper is configured in a way its backend cannot drive.
+
+    Example:
+        >>> select(nn.Linear(2, 1), world_size=1).name
+        'plain'
+    """
+    chosen = backend_class(model)
+    if chosen is Backend and world_size > 1:
+        raise ValueError(
+            f"model is a plain {type(model).__name__} but world_size is {world_size}: its gradients would never "
+            "be averaged across ranks and every rank would train its own model. Wrap it before building the "
+            "Accumulator: DistributedDataParallel(model), FSDP / fully_shard(model), accelerator.prepare(model) "
+            "or deepspeed.initialize(model=model, ...). (Under `accelerate launch` without a GPU, set "
+            "ACCELERATE_USE_CPU=1 so that Accelerate wraps the model.)"
+        )
+    return chosen(model, world_size)

@@ -1,0 +1,197 @@
+"""The backend interface, and its plain implementation: one process, a bare module, the torch optimizer step.
+
+A backend answers the few questions the accumulator asks of a model wrapper (Lightning Fabric's
+``_BackwardSyncControl`` is the model): how to skip the gradient reduction inside a window (:meth:`no_sync`),
+how to run a backward, how to scale, measure and clip the reduced gradient, how to reduce what was accumulated
+when the data ends mid-window, and how to take the optimizer step. Plain, DDP and FSDP models share the torch
+optimizer step of :meth:`Backend.step`; DeepSpeed, whose engine steps by itself, overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+Params = list[torch.Tensor]
+
+
+def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients that exist."""
+    return [p.grad for p in params if p.grad is not None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepOptions:
+    """How the accumulator wants its optimizer steps taken (fixed for its lifetime).
+
+    Raises:
+        ValueError: ``max_grad_norm`` is not positive, or ``on_nonfinite`` is not a known policy.
+    """
+
+    max_grad_norm: float | None = None
+    """Clip the window's global gradient norm to this (None: no clipping)."""
+    grad_scaler: torch.amp.GradScaler | None = None
+    """fp16 loss scaler, unscaled and updated once per step."""
+    on_nonfinite: Literal["skip", "raise"] = "skip"
+    """What a non-finite gradient does: skip the step on all ranks, or raise ``FloatingPointError``."""
+
+    def __post_init__(self) -> None:
+        norm = self.max_grad_norm
+        if norm is not None and not (isinstance(norm, int | float) and not isinstance(norm, bool) and norm > 0):
+            raise ValueError(
+                f"max_grad_norm must be a positive number or None, got {norm!r}; pass e.g. 1.0, or None to disable "
+                "clipping"
+            )
+        if self.on_nonfinite not in ("skip", "raise"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {self.on_nonfinite!r}")
+
+
+class Backend:
+    """A plain module in a single process: nothing to skip, nothing to reduce; the torch optimizer steps."""
+
+    name: ClassVar[str] = "plain"
+    grads_in_params: ClassVar[bool] = True
+    """True when gradients accumulated without sync live in ``param.grad`` (so a mid-window state can hold
+    them); False for wrappers that accumulate in private buffers (FSDP, DeepSpeed)."""
+    checkpoint_layout: ClassVar[Literal["replicated", "sharded"]] = "replicated"
+    """How :mod:`distaccum.checkpoint` saves the model: rank 0 writes one copy, or every rank its shard (DCP)."""
+    checkpoint_refusal: ClassVar[str | None] = None
+    """Why :mod:`distaccum.checkpoint` cannot save this wrapper, and what to use instead (None: it can)."""
+
+    def __init__(self, model: nn.Module, world_size: int) -> None:
+        self.model = model
+        self.world_size = world_size
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether ``model`` is this backend's wrapper."""
+        return True
+
+    @classmethod
+    def inner(cls, model: nn.Module) -> nn.Module | None:
+        """The user's module inside this wrapper, when the wrapper holds it as another module (else None)."""
+        return None
+
+    def check_options(self, options: StepOptions) -> None:
+        """Refuse step options this wrapper cannot honour, at construction (before any work)."""
+
+    @property
+    def averaging_ranks(self) -> int:
+        """How many ranks' gradients a reduction averages over (1 when nothing is reduced)."""
+        return self.world_size
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which backward accumulates gradients locally without reducing them."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of the already window-scaled loss."""
+        loss.backward()
+
+    def scale_grads(self, params: Params, factor: float) -> None:
+        """Multiply every gradient by ``factor`` in place (already reduced gradients)."""
+        grads = grads_of(params)
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def grad_norm(self, params: Params, max_norm: float | None) -> torch.Tensor:
+        """Global 2-norm of the gradients, clipping them to ``max_norm`` when given."""
+        grads = grads_of(params)
+        if not grads:
+            return torch.zeros(())
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        full = getattr(total, "full_tensor", None)  # DTensor (FSDP2): partial norms over shards
+        if full is not None:
+            total = full()
+        if max_norm is not None and math.isfinite(max_norm):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    def reduce_pending(self, params: Params) -> None:
+        """Average gradients that were accumulated under :meth:`no_sync` (end of data mid-window)."""
+
+    def window_grads(self, params: Params, where: str) -> list[torch.Tensor | None]:
+        """Copies of the gradients accumulated so far in an open window (this rank's own, unreduced).
+
+        Raises:
+            ValueError: this wrapper accumulates in private buffers (:attr:`grads_in_params` is False).
+        """
+        if not self.grads_in_params:
+            raise ValueError(
+                f"include_grads=True at {where}: {self.name} keeps the gradients accumulated without sync in "
+                "private buffers that cannot be saved and restored. Checkpoint at a window boundary (right after a "
+                "step, when acc.micro_step_in_window == 0)."
+            )
+        return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+    def restore_window_grads(self, params: Params, grads: list[torch.Tensor | None]) -> None:
+        """Put :meth:`window_grads` back into ``param.grad``, after checking that they all fit.
+
+        Raises:
+            ValueError: this wrapper keeps them in private buffers, or they do not fit ``params``.
+        """
+        if not self.grads_in_params:
+            raise ValueError(
+                f"the state holds mid-window gradients but this model's backend is {self.name}, which keeps "
+                "them in private buffers; resume it with a plain or DDP model, or from a boundary checkpoint"
+            )
+        shapes = [tuple(p.shape) for p in params]
+        saved = [None if g is None else tuple(g.shape) for g in grads]
+        fits = len(saved) == len(shapes) and all(s in (None, want) for s, want in zip(saved, shapes, strict=True))
+        if not fits:
+            raise ValueError(
+                f"the state's saved gradients ({len(saved)} tensors) do not fit this optimizer's {len(shapes)} "
+                "parameters; load it into the same model and optimizer that saved it"
+            )
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = None if grad is None else grad.detach().to(param.device, param.dtype).clone()
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, *, skip: bool, number: int
+    ) -> tuple[float | None, bool]:
+        """The window's optimizer step: unscale, clip, step (or skip), scaler update, zero_grad.
+
+        Args:
+            optimizer: the torch optimizer.
+            params: its parameters.
+            options: clipping, scaler and non-finite policy.
+            skip: the accumulator decided not to step (a window without items); drop the gradients only.
+            number: this step's number (1-based), for messages.
+
+        Returns:
+            (global gradient norm before clipping, or None when not computed; whether the step was skipped).
+
+        Raises:
+            FloatingPointError: the gradient is not finite and ``options.on_nonfinite`` is ``"raise"``.
+        """
+        scaler = options.grad_scaler
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+            return None, True
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        norm = float(self.grad_norm(params, options.max_grad_norm))
+        if scaler is not None:
+            scale_before = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            skipped = scaler.get_scale() < scale_before
+        elif not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            if options.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"non-finite gradient norm {norm} at optimizer step {number}; the step was not taken. Use "
+                    "on_nonfinite='skip' to skip such steps on all ranks instead."
+                )
+            skipped = True
+        else:
+            optimizer.step()
+            skipped = False
+        optimizer.zero_grad(set_to_none=True)
+        return norm, skipped

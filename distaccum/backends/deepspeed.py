@@ -1,0 +1,290 @@
+"""A ``DeepSpeedEngine`` as an accumulator backend: its boundary API inside the window, its own step at the boundary.
+
+``import distaccum`` never imports DeepSpeed: this backend is considered by :func:`distaccum.backends.select`
+only when the user has imported ``deepspeed`` already. Build the engine with
+:func:`distaccum.integrations.deepspeed.initialize`, which checks its config against the plan.
+
+How the Accumulator drives the engine (ZeRO stages 0, 1 and 2; fp32, or fp16/bf16 at ZeRO 1/2):
+
+* **Window.** Before every backward the accumulator says whether this micro-step ends the window with
+  ``engine.set_gradient_accumulation_boundary(...)``; DeepSpeed's own micro-step counter is never consulted, so
+  short windows (``flush`` / ``last=True``) work. ZeRO 0 and 1 then reduce once, in the boundary backward;
+  ZeRO 2 reduce-scatters every micro-batch into its partition buffers by design (that is what partitions its
+  gradients), so it pays one reduction per micro-batch. ``engine.no_sync()`` is not used: it refuses ZeRO 2.
+* **One loss scaling.** The accumulator multiplies each micro-batch loss by ``1/accum_steps`` (or by its item
+  weight), so the engine is called as ``engine.backward(loss, scale_wrt_gas=False)``: DeepSpeed's own division
+  by ``gradient_accumulation_steps`` is off, and only its fp16 loss scale (if any) is applied on top. A loss
+  divided twice would make every step ``accum_steps`` times too small; ``tests/integrations/test_deepspeed.py`` pins the
+  gradient norm against the real batch to catch that.
+* **Boundary correction** (short windows, and ``num_items`` exact weighting: the engine computes one factor
+  ``f`` after the boundary backward, see :mod:`distaccum.weighting`). Where the reduced gradient lives decides
+  how ``f`` is applied:
+
+  - ZeRO 0 with a torch optimizer: the averaged gradients are in ``param.grad``; they are multiplied in place
+    before ``engine.step()``, which then clips them (``gradient_clipping``) and steps.
+  - ZeRO 1 and 2: the reduced gradients live in the ZeRO optimizer's private partition buffers (flat, padded,
+    and laid out differently with CPU offload or an fp32 accumulation buffer). Rather than reach into them,
+    the factor goes through DeepSpeed's own unscale path: for the duration of ``engine.step()`` the optimizer's
+    loss scale ``S`` is set to ``S / f``. ZeRO's step divides the gradients by the loss scale before clipping
+    and reports ``norm / loss_scale`` as the gradient norm, so the gradients are multiplied by exactly ``f``,
+    the clip threshold applies to the corrected norm, and the reported norm is the corrected one. Afterwards
+    the loss scaler's whole state is restored and its update is replayed with the step's overflow result, so a
+    dynamic fp16 scaler evolves exactly as without the correction.
+  - Anything else (ZeRO 0 with DeepSpeed's fp16/bf16 optimizer wrappers, ZeRO 3, pipeline engines) raises a
+    ``ValueError`` when a correction is needed, instead of stepping with a wrong weighting.
+* **Clipping.** DeepSpeed 0.19 clips at 1.0 when the config does not say otherwise. ``initialize()`` writes
+  ``gradient_clipping: 0.0`` when the field is missing; the config is where DeepSpeed clips, and the
+  accumulator's ``max_grad_norm`` must agree with it (None for 0.0), checked at the first step.
+* **End of data mid-window** (``acc.flush()``): every rank runs one boundary backward of a zero loss that
+  touches every parameter, which sends the accumulated gradients through DeepSpeed's normal boundary
+  reduction (all-reduce, or the last reduce-scatter of ZeRO 2) without changing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from distaccum.backends.base import Backend, Params, StepOptions
+
+
+class DeepSpeedBackend(Backend):
+    """A ``DeepSpeedEngine``: its boundary API inside the window, ``engine.backward``/``engine.step`` to finish it.
+
+    The engine owns the optimizer step (it overrides :meth:`step`): it clips (``gradient_clipping`` of its config),
+    unscales fp16 gradients and steps its optimizer and its LR scheduler.
+
+    Raises:
+        ValueError: a pipeline engine, ZeRO stage 3, ``managed_gradient_accumulation: false``, or a data-parallel
+            size different from the world size (tensor/pipeline parallelism).
+    """
+
+    name = "deepspeed"
+    grads_in_params: ClassVar[bool] = False
+    checkpoint_refusal: ClassVar[str | None] = (
+        "distaccum.checkpoint does not save DeepSpeed engines: ZeRO shards the optimizer state over ranks. "
+        "Use engine.save_checkpoint(dir) / engine.load_checkpoint(dir) and store accumulator.state_dict() "
+        "in client_state."
+    )
+
+    def __init__(self, model: nn.Module, world_size: int) -> None:
+        super().__init__(model, world_size)
+        self.engine: Any = model
+        self._in_no_sync = False
+        self._factor = 1.0
+        self._clipping_checked = False
+        self._check_engine()
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        from deepspeed import DeepSpeedEngine
+
+        return isinstance(model, DeepSpeedEngine)
+
+    @classmethod
+    def inner(cls, model: nn.Module) -> nn.Module | None:
+        return model.module if isinstance(model.module, nn.Module) else None
+
+    def check_options(self, options: StepOptions) -> None:
+        if options.grad_scaler is not None:
+            raise ValueError(
+                "grad_scaler is set, but deepspeed scales fp16 losses by itself: scaling twice corrupts gradients. "
+                "Remove grad_scaler and configure fp16 in the engine's config."
+            )
+
+    def _check_engine(self) -> None:
+        from deepspeed import PipelineEngine
+
+        engine = self.engine
+        if isinstance(engine, PipelineEngine):
+            raise ValueError(
+                "model is a DeepSpeed PipelineEngine, which runs its own micro-batch schedule in "
+                "engine.train_batch(); distaccum cannot drive it. Use a data-parallel engine (no PipelineModule)."
+            )
+        stage = int(engine.zero_optimization_stage())
+        if stage not in (0, 1, 2):
+            raise ValueError(
+                f"DeepSpeed zero_optimization.stage is {stage}; distaccum supports and tests stages 0, 1 and 2 "
+                "(stage 3 keeps gradients in layouts its exact weighting is not verified on). Set "
+                '"zero_optimization": {"stage": 2} or lower.'
+            )
+        managed = getattr(engine, "managed_gradient_accumulation", None)
+        if managed is not None and not managed():
+            raise ValueError(
+                "DeepSpeed config has managed_gradient_accumulation: false, which disables "
+                "set_gradient_accumulation_boundary(); distaccum drives the boundary itself. Remove the field."
+            )
+        if engine.dp_world_size != self.world_size:
+            raise ValueError(
+                f"DeepSpeed data-parallel size {engine.dp_world_size} differs from world_size {self.world_size} "
+                "(tensor, pipeline or sequence parallelism); distaccum's BatchPlan counts every rank as a data-"
+                "parallel rank. Run DeepSpeed with data parallelism only."
+            )
+
+    @property
+    def stage(self) -> int:
+        """The engine's ZeRO stage."""
+        return int(self.engine.zero_optimization_stage())
+
+    @property
+    def averaging_ranks(self) -> int:
+        return int(self.engine.dp_world_size)
+
+    @contextlib.contextmanager
+    def _no_sync(self) -> Iterator[None]:
+        previous = self._in_no_sync
+        self._in_no_sync = True
+        try:
+            yield
+        finally:
+            self._in_no_sync = previous
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        # Only marks the window; the engine learns it from set_gradient_accumulation_boundary() right before each
+        # backward, the one moment DeepSpeed reads it.
+        return self._no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``engine.backward`` of an already window-scaled loss: DeepSpeed must not divide it again."""
+        self.engine.set_gradient_accumulation_boundary(not self._in_no_sync)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def scale_grads(self, params: Params, factor: float) -> None:
+        """Multiply the window's reduced gradient by ``factor`` (applied in place, or inside the next step).
+
+        Raises:
+            ValueError: the engine keeps its gradients in a wrapper this integration cannot scale exactly.
+        """
+        if factor == 1.0:
+            return
+        if self.stage == 0:
+            if not isinstance(self.engine.optimizer, torch.optim.Optimizer) or self._is_mixed_precision_wrapper():
+                raise ValueError(
+                    f"this window needs its gradient multiplied by {factor:g} (a short window or num_items "
+                    f"weighting), but DeepSpeed ZeRO stage 0 keeps it inside {type(self.engine.optimizer).__name__}, "
+                    "which distaccum cannot scale exactly. Use ZeRO stage 1 or 2 with fp16/bf16, or fp32 at stage 0."
+                )
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, factor)
+            return
+        # ZeRO 1/2: applied through the loss scale during step (see the module docstring).
+        self._factor *= factor
+
+    def _is_mixed_precision_wrapper(self) -> bool:
+        return bool(self.engine.fp16_enabled() or self.engine.bfloat16_enabled())
+
+    def reduce_pending(self, params: Params) -> None:
+        """Reduce what the ranks accumulated when the data ended mid-window: one boundary backward of zero."""
+        engine = self.engine
+        # engine.forward() does this before every backward; this backward has no forward of its own.
+        clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
+        trainable = [p for p in engine.module.parameters() if p.requires_grad]
+        # Touching every parameter makes every gradient hook fire (ZeRO 2 reduce-scatters from them); the zero
+        # product leaves the accumulated gradients unchanged.
+        zero = torch.stack([p.sum() for p in trainable]).sum() * 0.0
+        engine.set_gradient_accumulation_boundary(True)
+        engine.backward(zero, scale_wrt_gas=False)
+
+    def check_clipping(self, max_grad_norm: float | None) -> None:
+        """The accumulator's ``max_grad_norm`` must be the config's ``gradient_clipping`` (None for 0.0).
+
+        Raises:
+            ValueError: they differ; the message gives both values and both ways to fix it.
+        """
+        configured = float(self.engine.gradient_clipping())
+        wanted = 0.0 if max_grad_norm is None else float(max_grad_norm)
+        if not math.isclose(configured, wanted, rel_tol=1e-12, abs_tol=0.0):
+            as_arg = "None" if configured == 0.0 else f"{configured:g}"
+            raise ValueError(
+                f"Accumulator(max_grad_norm={max_grad_norm}) disagrees with the DeepSpeed config's gradient_clipping "
+                f"{configured:g}: DeepSpeed clips inside engine.step(), so the config decides. Pass "
+                f'max_grad_norm={as_arg} to the Accumulator, or set "gradient_clipping": {wanted:g} in the config '
+                "(0.0 = no clipping; DeepSpeed's silent default is 1.0)."
+            )
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, *, skip: bool, number: int
+    ) -> tuple[float | None, bool]:
+        """``engine.step()`` at the boundary with the pending correction; returns (grad norm, skipped).
+
+        The engine clips (its config's ``gradient_clipping``), unscales fp16 gradients and steps its optimizer
+        and LR scheduler; ``optimizer`` and ``params`` are the engine's own.
+        """
+        if not self._clipping_checked:
+            self.check_clipping(options.max_grad_norm)
+            self._clipping_checked = True
+        engine = self.engine
+        factor, self._factor = self._factor, 1.0
+        engine.set_gradient_accumulation_boundary(True)
+        if skip:
+            self._drop_gradients()
+            return None, True
+        if self.stage == 0:
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not math.isfinite(norm):
+                # Torch optimizers have no overflow check: stepping would write NaN into the weights.
+                self._drop_gradients()
+                return norm, True
+            engine.step()
+            return norm, not engine.was_step_applied()
+        with self._loss_scale_divided_by(factor):
+            engine.step()
+        reported = engine.get_global_grad_norm()
+        return (None if reported is None else float(reported)), not engine.was_step_applied()
+
+    def _drop_gradients(self) -> None:
+        optimizer = self.engine.optimizer
+        if self.stage == 0:
+            self.engine.zero_grad()
+            return
+        # What ZeRO 1/2's own step does on overflow: drop the param grads and the reduced partitions.
+        optimizer.zero_grad(set_to_none=True)
+        release = getattr(optimizer, "_release_preflattened_grad_buffers", None)
+        if release is not None:
+            release()
+        for buffers in (getattr(optimizer, "averaged_gradients", None), getattr(optimizer, "all_grad_tensors", None)):
+            if isinstance(buffers, dict):
+                for key in buffers:
+                    buffers[key] = None
+
+    @contextlib.contextmanager
+    def _loss_scale_divided_by(self, factor: float) -> Iterator[None]:
+        if factor == 1.0:
+            yield
+            return
+        if not math.isfinite(factor) or factor <= 0.0:
+            raise ValueError(f"gradient correction factor must be positive and finite, got {factor!r}")
+        optimizer = self.engine.optimizer
+        if getattr(optimizer, "custom_loss_scaler", False):
+            saved_scale = optimizer.external_loss_scale
+            optimizer.external_loss_scale = saved_scale / factor
+            try:
+                yield
+            finally:
+                optimizer.external_loss_scale = saved_scale
+            return
+        scaler = getattr(optimizer, "loss_scaler", None)
+        if scaler is None:
+            raise ValueError(
+                f"this window needs its gradient multiplied by {factor:g}, but {type(optimizer).__name__} has no "
+                "loss scaler to apply it through; use ZeRO stage 1 or 2, or fp32 at stage 0."
+            )
+        saved_state = copy.copy(vars(scaler))
+        scaler.cur_scale = saved_state["cur_scale"] / factor
+        try:
+            yield
+        finally:
+            # Replay the scaler's update from its true state: a dynamic fp16 scale evolves as without the factor.
+            vars(scaler).clear()
+            vars(scaler).update(saved_state)
+            scaler.update_scale(bool(getattr(optimizer, "overflow", False)))

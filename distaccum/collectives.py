@@ -1,0 +1,126 @@
+"""Rank-consistent scalars: the few small collectives the accumulator needs, and the errors when ranks disagree.
+
+Every function is a no-op in a single process (no group, or a group of one), so callers never branch on it.
+Values travel as float64 (int64 for gathers) on the communication device: CUDA for NCCL, CPU for gloo. All
+of them are collective: every rank must call them in the same order, which is what the accumulator's rank
+agreement at start-up and at every window boundary protects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as torch_dist
+
+from distaccum import dist
+from distaccum.plan import BatchPlan
+
+
+def active() -> bool:
+    """True when there are other ranks to talk to."""
+    return dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def comm_device() -> torch.device:
+    """Where a collective's tensors must live: this rank's GPU under NCCL, else the CPU."""
+    if torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_over_ranks(values: Sequence[float]) -> list[float]:
+    """Element-wise sum over ranks of a few scalars, in one all-reduce (the values themselves in one process)."""
+    if not active():
+        return [float(value) for value in values]
+    reduced = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    torch_dist.all_reduce(reduced)
+    return [float(value) for value in reduced.tolist()]
+
+
+def min_over_ranks(value: float) -> float:
+    """The smallest ``value`` over ranks."""
+    if not active():
+        return float(value)
+    smallest = torch.tensor([float(value)], dtype=torch.float64, device=comm_device())
+    torch_dist.all_reduce(smallest, op=torch_dist.ReduceOp.MIN)
+    return float(smallest.item())
+
+
+def gather_from_ranks(values: Sequence[int]) -> list[list[int]]:
+    """Every rank's ``values``, in rank order (one all-gather)."""
+    if not active():
+        return [[int(value) for value in values]]
+    mine = torch.tensor(values, dtype=torch.int64, device=comm_device())
+    rows = [torch.empty_like(mine) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(rows, mine)
+    return [[int(value) for value in row.tolist()] for row in rows]
+
+
+def check_same_on_all_ranks(fields: Sequence[str], values: Sequence[int], *, what: str, fix: str) -> None:
+    """Gather ``values`` and raise on every rank, naming each field that differs from rank 0's.
+
+    Raises:
+        RuntimeError: some rank's values differ; the message lists ``rank r has field=v where rank 0 has w``.
+    """
+    rows = gather_from_ranks(values)
+    problems = [
+        f"rank {rank} has {field}={value} where rank 0 has {expected}"
+        for rank, row in enumerate(rows)
+        for field, value, expected in zip(fields, row, rows[0], strict=True)
+        if value != expected
+    ]
+    if problems:
+        raise RuntimeError(f"ranks disagree on {what}: " + "; ".join(problems) + f". {fix}")
+
+
+def check_plan_agreement(plan: BatchPlan, micro_step: int, step: int) -> None:
+    """Start-up check (one all-gather): every rank has the same plan, window position and step.
+
+    Raises:
+        RuntimeError: on every rank, naming each rank and field that differs from rank 0.
+    """
+    fields = ("global_batch_size", "micro_batch_size", "accum_steps", "world_size")
+    check_same_on_all_ranks(
+        (*fields, "micro_step", "step"),
+        [*(getattr(plan, field) for field in fields), micro_step, step],
+        what="the accumulation plan or their position in the window",
+        fix="Build the BatchPlan from the same arguments on every rank and load the same checkpoint.",
+    )
+
+
+def sum_checking_step(values: Sequence[float], step: int) -> list[float]:
+    """:func:`sum_over_ranks` of ``values``, checking in the same all-reduce that every rank is at ``step``.
+
+    Equal steps are the only ones whose sum ``s`` and sum of squares ``q`` over ``W`` ranks satisfy
+    ``s**2 == W * q``, so two more scalars in the all-reduce the boundary makes anyway replace a collective.
+
+    Raises:
+        RuntimeError: some rank is at another optimizer step (it skipped or repeated micro-steps).
+    """
+    *totals, total, total_of_squares = sum_over_ranks([*values, float(step), float(step) ** 2])
+    world = torch_dist.get_world_size() if active() else 1
+    if total * total != world * total_of_squares:
+        raise RuntimeError(
+            f"ranks disagree on the optimizer step at a window boundary (this rank: {step}, mean over ranks: "
+            f"{total / world:g}); some rank skipped or repeated micro-steps. Every rank must run the same "
+            "number of micro-steps per window."
+        )
+    return totals
+
+
+def agree_on_item_mode(count: int | None) -> tuple[int, float]:
+    """Whether ranks give ``num_items``, in one all-reduce: (ranks giving it, their items summed).
+
+    Raises:
+        RuntimeError: some ranks give it and others do not (they would mismatch collectives later).
+    """
+    giving, items = sum_over_ranks([float(count is not None), float(count or 0)])
+    world = torch_dist.get_world_size() if active() else 1
+    if 0 < giving < world:
+        raise RuntimeError(
+            f"{int(giving)} of {world} ranks gave num_items to acc.backward() and the others did not (this rank "
+            f"{'did' if count is not None else 'did not'}); every rank must call acc.backward(loss, "
+            "num_items=...) alike."
+        )
+    return int(giving), items

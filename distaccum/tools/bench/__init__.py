@@ -1,0 +1,34 @@
+"""``distaccum bench``: step time, gradient reductions and peak memory of eight ways to accumulate.
+
+The contenders (:mod:`distaccum.tools.bench.methods`): (a) DDP with an all-reduce on every micro-batch, (b) the
+hand-written ``no_sync`` loop, (c) distaccum, (g) distaccum with ``num_items``, (d) Accelerate's
+``accumulate``, (e) DeepSpeed ZeRO 0, (h) distaccum driving a DeepSpeed engine (the integration), (f) the real
+batch ``micro x k`` in one pass. The models
+(:mod:`distaccum.tools.bench.models`): a 16.8M-parameter MLP (communication-heavy) and a small causal transformer
+over ragged token sequences (activation-heavy).
+
+How it measures (the design, and why):
+
+* **Time**: one job of ``--nproc`` long-lived ranks builds every method of a case, then runs
+  ``--warmup`` + ``--rounds`` rounds; in each round every method does one optimizer step on the same
+  micro-batches, in an order that rotates every round, so machine drift (other jobs, thermal) hits all methods
+  alike. A step's time is the slowest rank's; the figure is the median over timed rounds.
+* **Reductions**: counted while the timed steps run, never assumed: a DDP comm hook counts one call per
+  gradient bucket; Python-level collectives (DeepSpeed's gradient all-reduce, distaccum's scalar window
+  all-reduce) are counted by wrapping ``torch.distributed``'s functions.
+* **Memory**: a fresh group of processes per (method, model, accum_steps): peak RSS of the process
+  (``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on GPU, the largest over ranks. A fresh process
+  is the only way a peak belongs to one method alone, which is why memory is not measured in the timing job.
+
+Modules, in dependency order: ``models`` and ``counting`` -> ``methods`` -> ``config`` and ``report`` ->
+``launch`` (starts the ranks) -> ``cli``; each rank runs ``python -m distaccum.tools.bench.worker``.
+
+Example:
+    ``distaccum bench --nproc 2 --json bench.json`` (a few minutes on 2 CPU cores).
+"""
+
+from distaccum.tools.bench.cli import add_arguments, run
+from distaccum.tools.bench.config import BenchConfig
+from distaccum.tools.bench.launch import run_benchmark
+
+__all__ = ["BenchConfig", "add_arguments", "run", "run_benchmark"]

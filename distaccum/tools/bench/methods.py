@@ -1,0 +1,289 @@
+"""The benchmark's contenders: eight ways to run one optimizer step of ``accum_steps`` micro-batches.
+
+Each method builds its own copy of the model from the same seed, takes the same micro-batches and does one
+optimizer step per :meth:`Method.step`. Communication is counted while it runs (:mod:`.counting`): gradient
+reductions of DDP through a comm hook (one call per bucket), and every Python-level collective
+(``torch.distributed.all_reduce`` and friends, which DeepSpeed's and distaccum's own reductions go through) by
+wrapping those functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from distaccum import dist
+from distaccum.tools.bench.counting import CommCounter, counting_allreduce_hook
+from distaccum.tools.bench.models import Batch, ModelSpec
+
+LEARNING_RATE = 1e-3
+
+
+@dataclass
+class Context:
+    """What all methods of one worker share: device, world, counters, and one Accelerator per process."""
+
+    spec: ModelSpec
+    micro_batch_size: int
+    accum_steps: int
+    seed: int
+    device: torch.device
+    world_size: int
+    counter: CommCounter
+    raw_all_reduce: Callable[..., Any]
+    accelerator: Any = None
+    python_gradient_reductions: bool = False
+    """True while a DeepSpeed engine steps: its gradient all-reduces are Python-level calls."""
+
+
+class Method:
+    """One way to accumulate; subclasses build the model in ``__init__`` and implement :meth:`step`."""
+
+    key: ClassVar[str]
+    """Name used on the command line and in JSON."""
+    letter: ClassVar[str]
+    """The letter of the issue's list, (a) to (g)."""
+    title: ClassVar[str]
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.model = self._fresh_model()
+
+    def _fresh_model(self) -> nn.Module:
+        torch.manual_seed(self.ctx.seed)
+        return self.ctx.spec.build().to(self.ctx.device)
+
+    def _ddp(self, model: nn.Module) -> nn.Module:
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self._hook(wrapped)
+        return wrapped
+
+    def _hook(self, wrapped: nn.Module) -> None:
+        ctx = self.ctx
+        wrapped.register_comm_hook(None, counting_allreduce_hook(ctx.counter, ctx.raw_all_reduce, ctx.world_size))  # type: ignore[operator]
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        inputs, targets = batch
+        return self.ctx.spec.loss(self.model(inputs), targets)
+
+    def prepare(self, batches: list[Batch]) -> Any:
+        """Put this round's micro-batches on the device (outside the timed region)."""
+        return [(x.to(self.ctx.device), y.to(self.ctx.device)) for x, y in batches]
+
+    def step(self, batches: Any) -> None:
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p.detach() for p in self.model.parameters()]
+
+    def close(self) -> None:
+        """Release references (models, optimizers) so that the next case starts from a clean slate."""
+        self.__dict__.clear()
+
+
+class SyncEveryMicroBatch(Method):
+    key, letter, title = "sync_every", "a", "DDP, all-reduce on every micro-batch"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.model = self._ddp(self.model)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
+
+    def step(self, batches: Any) -> None:
+        for batch in batches:
+            (self._loss(batch) / len(batches)).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class HandWrittenNoSync(SyncEveryMicroBatch):
+    key, letter, title = "no_sync", "b", "DDP, hand-written no_sync loop"
+
+    def step(self, batches: Any) -> None:
+        last = len(batches) - 1
+        for index, batch in enumerate(batches):
+            with self.model.no_sync() if index < last else contextlib.nullcontext():  # type: ignore[operator]
+                (self._loss(batch) / len(batches)).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class RealBatch(SyncEveryMicroBatch):
+    key, letter, title = "real_batch", "f", "DDP, real batch micro x k in one pass"
+
+    def prepare(self, batches: list[Batch]) -> Any:
+        inputs, targets = zip(*batches, strict=True)
+        return torch.cat(inputs).to(self.ctx.device), torch.cat(targets).to(self.ctx.device)
+
+    def step(self, batches: Any) -> None:
+        self._loss(batches).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class Distaccum(Method):
+    key, letter, title = "distaccum", "c", "distaccum Accumulator over DDP"
+    with_items: ClassVar[bool] = False
+
+    def __init__(self, ctx: Context) -> None:
+        from distaccum import Accumulator, BatchPlan
+
+        super().__init__(ctx)
+        self.model = self._ddp(self.model)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
+        plan = BatchPlan(micro_batch_size=ctx.micro_batch_size, accum_steps=ctx.accum_steps)
+        self.acc = Accumulator(self.model, self.optimizer, plan)
+
+    def step(self, batches: Any) -> None:
+        acc = self.acc
+        for batch in batches:
+            with acc.micro_step():
+                if self.with_items:
+                    acc.backward(self._loss(batch), num_items=self.ctx.spec.num_items(batch[1]))
+                else:
+                    acc.backward(self._loss(batch))
+        assert acc.stepped, "the window did not end with the round"
+
+
+class DistaccumItems(Distaccum):
+    key, letter, title = "distaccum_items", "g", "distaccum with num_items (exact weighting)"
+    with_items = True
+
+
+class AccelerateAccumulate(Method):
+    key, letter, title = "accelerate", "d", "Accelerate accumulate()"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        if ctx.accelerator is None:
+            from accelerate import Accelerator
+
+            ctx.accelerator = Accelerator(cpu=ctx.device.type == "cpu")
+        accelerator = ctx.accelerator
+        accelerator.gradient_accumulation_steps = ctx.accum_steps
+        accelerator.step = 0
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
+        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        if ctx.world_size > 1 and not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            raise RuntimeError(
+                f"Accelerate did not wrap the model (distributed_type {accelerator.distributed_type}) on "
+                f"{ctx.world_size} ranks: its gradients would never be averaged. On CPU set ACCELERATE_USE_CPU=1."
+            )
+        if ctx.world_size > 1:
+            self._hook(self.model)
+
+    def step(self, batches: Any) -> None:
+        accelerator = self.ctx.accelerator
+        for batch in batches:
+            with accelerator.accumulate(self.model):
+                accelerator.backward(self._loss(batch))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        assert accelerator.sync_gradients, "Accelerate's window did not end with the round"
+
+    def close(self) -> None:
+        self.ctx.accelerator.free_memory()
+        super().close()
+
+
+class DeepSpeedZero0(Method):
+    key, letter, title = "deepspeed", "e", "DeepSpeed ZeRO 0 gradient accumulation"
+
+    def __init__(self, ctx: Context) -> None:
+        import deepspeed
+
+        super().__init__(ctx)
+        deepspeed.init_distributed(dist_backend=dist.default_backend())
+        config = {
+            "train_micro_batch_size_per_gpu": ctx.micro_batch_size,
+            "gradient_accumulation_steps": ctx.accum_steps,
+            "train_batch_size": ctx.micro_batch_size * ctx.accum_steps * ctx.world_size,
+            "zero_optimization": {"stage": 0},
+            # DeepSpeed 0.19 clips at 1.0 unless told otherwise; the other methods do not clip.
+            "gradient_clipping": 0.0,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
+        self.model, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=config)
+
+    def step(self, batches: Any) -> None:
+        engine = self.model
+        self.ctx.python_gradient_reductions = True
+        try:
+            for batch in batches:
+                engine.backward(self._loss(batch))  # type: ignore[operator]
+                engine.step()  # type: ignore[operator]
+        finally:
+            self.ctx.python_gradient_reductions = False
+
+    def close(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self.model.destroy()  # type: ignore[operator]
+        super().close()
+
+
+class DistaccumDeepSpeed(Distaccum):
+    key, letter, title = "distaccum_deepspeed", "h", "distaccum over DeepSpeed ZeRO 0"
+
+    def __init__(self, ctx: Context) -> None:
+        from distaccum import Accumulator, BatchPlan
+        from distaccum.integrations.deepspeed import initialize
+
+        Method.__init__(self, ctx)
+        plan = BatchPlan(micro_batch_size=ctx.micro_batch_size, accum_steps=ctx.accum_steps)
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
+        config = {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0, "steps_per_print": 10**9}
+        self.model = initialize(self.model, optimizer, plan, config)
+        self.acc = Accumulator(self.model, self.model.optimizer, plan)  # type: ignore[arg-type]
+
+    def step(self, batches: Any) -> None:
+        self.ctx.python_gradient_reductions = True
+        try:
+            super().step(batches)
+        finally:
+            self.ctx.python_gradient_reductions = False
+
+    def close(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self.model.destroy()  # type: ignore[operator]
+        super().close()
+
+
+METHODS: dict[str, type[Method]] = {
+    method.key: method
+    for method in (
+        SyncEveryMicroBatch,
+        HandWrittenNoSync,
+        Distaccum,
+        DistaccumItems,
+        AccelerateAccumulate,
+        DeepSpeedZero0,
+        DistaccumDeepSpeed,
+        RealBatch,
+    )
+}
+"""All methods: the issue's (a) to (g), and (h) distaccum driving a DeepSpeed engine."""
+
+
+def method_labels() -> dict[str, str]:
+    """``key -> "(letter) title"`` for tables."""
+    return {key: f"({cls.letter}) {cls.title}" for key, cls in METHODS.items()}
+
+
+def check_methods(names: list[str]) -> list[str]:
+    """Validate method names.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return names

@@ -1,0 +1,252 @@
+"""Turn the ranks' raw benchmark records into figures (:func:`summarize`) and a printable report."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from distaccum.tools.bench.methods import method_labels
+
+MIB = 1024 * 1024
+BASELINE = "no_sync"
+"""Every ratio is against (b), the hand-written ``no_sync`` loop."""
+TARGETS = {"time_vs_no_sync": 1.01, "memory_virtual_vs_real_micro": 1.05}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _one_or_all(values: set[int]) -> int | list[int]:
+    ordered = sorted(values)
+    return ordered[0] if len(ordered) == 1 else ordered
+
+
+def _memory_index(memory_jobs: list[list[dict[str, Any]]]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    index = {}
+    for ranks in memory_jobs:
+        first = ranks[0]
+        key = (first["model"], first["micro_batch_size"], first["accum_steps"], first["method"])
+        peaks_cuda = [r["peak_cuda_bytes"] for r in ranks if r["peak_cuda_bytes"] is not None]
+        index[key] = {
+            "peak_rss_mib": max(r["peak_rss_bytes"] for r in ranks) / MIB,
+            "start_rss_mib": max(r["baseline_rss_bytes"] for r in ranks) / MIB,
+            "peak_cuda_mib": max(peaks_cuda) / MIB if peaks_cuda else None,
+        }
+    return index
+
+
+def _peak(entry: dict[str, Any] | None) -> float | None:
+    if entry is None:
+        return None
+    return entry["peak_cuda_mib"] if entry["peak_cuda_mib"] is not None else entry["peak_rss_mib"]
+
+
+def _summarize_case(ranks: list[dict[str, Any]], memory: dict[tuple[Any, ...], dict[str, Any]]) -> dict[str, Any]:
+    case = {key: ranks[0][key] for key in ("model", "micro_batch_size", "accum_steps")}
+    labels = method_labels()
+    methods: dict[str, Any] = {}
+    for name in ranks[0]["methods"]:
+        records = [rank["methods"][name] for rank in ranks]
+        # A step ends in a collective, so ranks finish together; the slowest rank's time is the step's time.
+        seconds = [max(values) for values in zip(*(r["seconds"] for r in records), strict=True)]
+        median = statistics.median(seconds)
+        # CPU time of the process (all its threads): what the method costs, whatever else the machine runs.
+        cpu = [max(values) for values in zip(*(r.get("cpu_seconds", []) for r in records), strict=True)]
+        fingerprints = [r["fingerprint"] for r in records]
+        mem = memory.get((case["model"], case["micro_batch_size"], case["accum_steps"], name))
+        methods[name] = {
+            "label": labels[name],
+            "seconds_per_step": seconds,
+            "median_s": median,
+            "p25_s": _quantile(seconds, 0.25),
+            "p75_s": _quantile(seconds, 0.75),
+            "spread": (_quantile(seconds, 0.75) - _quantile(seconds, 0.25)) / median if median else 0.0,
+            "cpu_seconds_per_step": cpu,
+            "median_cpu_s": statistics.median(cpu) if cpu else None,
+            "gradient_reductions_per_step": _one_or_all({c for r in records for c in r["gradient_reductions"]}),
+            "other_collectives_per_step": _one_or_all({c for r in records for c in r["other_collectives"]}),
+            "update_mismatch_vs_no_sync": records[0]["update_mismatch"][0],
+            "replicas_agree": all(
+                math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+                for fp in fingerprints
+                for a, b in zip(fp, fingerprints[0], strict=True)
+            ),
+            "memory": mem,
+            "peak_mib": _peak(mem),
+        }
+    base = methods.get(BASELINE)
+    for entry in methods.values():
+        entry["time_vs_no_sync"] = entry["median_s"] / base["median_s"] if base else None
+        entry["cpu_vs_no_sync"] = (
+            entry["median_cpu_s"] / base["median_cpu_s"]
+            if base and base["median_cpu_s"] and entry["median_cpu_s"]
+            else None
+        )
+        entry["peak_vs_no_sync"] = (
+            entry["peak_mib"] / base["peak_mib"] if base and base["peak_mib"] and entry["peak_mib"] else None
+        )
+    return {**case, "methods": methods}
+
+
+def _sweep(config: dict[str, Any], memory: dict[tuple[Any, ...], dict[str, Any]], micro: dict[str, int]) -> list[Any]:
+    rows = []
+    ks = sorted(config["memory_sweep"])
+    for model in config["models"]:
+        if not ks:
+            break
+        base = _peak(memory.get((model, micro[model], ks[0], "real_batch")))
+        for k in ks:
+            virtual = _peak(memory.get((model, micro[model], k, "distaccum")))
+            real = _peak(memory.get((model, micro[model], k, "real_batch")))
+            rows.append(
+                {
+                    "model": model,
+                    "micro_batch_size": micro[model],
+                    "accum_steps": k,
+                    "virtual_peak_mib": virtual,
+                    "real_peak_mib": real,
+                    "virtual_vs_real_micro": virtual / base if virtual and base else None,
+                    "real_vs_real_micro": real / base if real and base else None,
+                    "reference": f"real batch at accum_steps {ks[0]}",
+                }
+            )
+    return rows
+
+
+def _ratio(case: dict[str, Any], name: str, other: str, field: str = "median_s") -> float | None:
+    methods = case["methods"]
+    if name in methods and other in methods and methods[name][field] and methods[other][field]:
+        return float(methods[name][field] / methods[other][field])
+    return None
+
+
+def _targets(cases: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> dict[str, Any]:
+    per_case = []
+    for case in cases:
+        methods = case["methods"]
+        reductions = {
+            n: methods[n]["gradient_reductions_per_step"] for n in ("distaccum", "sync_every") if n in methods
+        }
+        per_case.append(
+            {
+                "model": case["model"],
+                "accum_steps": case["accum_steps"],
+                "gradient_reductions_per_step": reductions,
+                "distaccum_vs_no_sync": _ratio(case, "distaccum", "no_sync"),
+                "distaccum_vs_no_sync_cpu": _ratio(case, "distaccum", "no_sync", "median_cpu_s"),
+                "distaccum_vs_accelerate": _ratio(case, "distaccum", "accelerate"),
+                "distaccum_vs_deepspeed": _ratio(case, "distaccum", "deepspeed"),
+                "items_vs_distaccum": _ratio(case, "distaccum_items", "distaccum"),
+                "items_vs_distaccum_cpu": _ratio(case, "distaccum_items", "distaccum", "median_cpu_s"),
+            }
+        )
+    memory = [row["virtual_vs_real_micro"] for row in sweep if row["virtual_vs_real_micro"] is not None]
+    return {
+        "per_case": per_case,
+        "time_target_distaccum_vs_no_sync": TARGETS["time_vs_no_sync"],
+        "memory_virtual_vs_real_micro_max": max(memory) if memory else None,
+        "memory_target": TARGETS["memory_virtual_vs_real_micro"],
+    }
+
+
+def summarize(
+    raw: dict[str, Any], *, config: dict[str, Any], environment: dict[str, Any], models: dict[str, str]
+) -> dict[str, Any]:
+    """All figures of a run from the ranks' raw records (the JSON that ``--json`` writes)."""
+    memory = _memory_index(raw["memory"])
+    time_ranks = raw["time"]
+    cases = [
+        _summarize_case([rank["cases"][index] for rank in time_ranks], memory)
+        for index in range(len(time_ranks[0]["cases"]))
+    ]
+    micro = {case["model"]: case["micro_batch_size"] for case in cases}
+    sweep = _sweep(config, memory, micro)
+    return {
+        "config": config,
+        "environment": environment,
+        "models": models,
+        "cases": cases,
+        "memory_sweep": sweep,
+        "targets": _targets(cases, sweep),
+    }
+
+
+def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _counts(value: int | list[int]) -> str:
+    return str(value) if isinstance(value, int) else "/".join(map(str, value))
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """The printed report: one table per case, the memory sweep, and the targets."""
+    env = results["environment"]
+    memory_kind = "peak CUDA MiB" if env["device"] == "cuda" else "peak RSS MiB"
+    config = results["config"]
+    lines = [
+        f"distaccum bench: {config['nproc']} ranks ({env['backend']}, {env['threads_per_rank']} thread(s)/rank), "
+        f"torch {env['torch']}, accelerate {env['accelerate']}, deepspeed {env['deepspeed']}; "
+        f"{config['warmup']} warm-up + {config['rounds']} timed rounds, methods interleaved, order rotating",
+        f"load average before/after: {env['load_average_before'][0]:.2f} / {env['load_average_after'][0]:.2f}; "
+        f"wall {env['wall_seconds']:.0f} s",
+    ]
+    header = (
+        f"{'method':<47} {'s/step':>8} {'IQR':>5} {'vs (b)':>7} {'CPU s':>7} {'vs (b)':>7} {'grad red./step':>14} "
+        f"{'other coll.':>11} "
+        f"{memory_kind + '/rank':>18} {'vs (b)':>7} {'update vs (b)':>13}"
+    )
+    for case in results["cases"]:
+        lines += [
+            "",
+            f"{case['model']}: {results['models'][case['model']]}; micro_batch_size {case['micro_batch_size']}, "
+            f"accum_steps {case['accum_steps']}",
+            header,
+            "-" * len(header),
+        ]
+        for entry in case["methods"].values():
+            agree = "" if entry["replicas_agree"] else " (replicas differ!)"
+            lines.append(
+                f"{entry['label']:<47} {entry['median_s']:>8.4f} {entry['spread'] * 100:>4.0f}% "
+                f"{_fmt(entry['time_vs_no_sync'], '.3f'):>6}x {_fmt(entry['median_cpu_s'], '.4f'):>7} "
+                f"{_fmt(entry['cpu_vs_no_sync'], '.3f'):>6}x {_counts(entry['gradient_reductions_per_step']):>14} "
+                f"{_counts(entry['other_collectives_per_step']):>11} {_fmt(entry['peak_mib'], '.0f'):>18} "
+                f"{_fmt(entry['peak_vs_no_sync'], '.3f'):>7} {entry['update_mismatch_vs_no_sync']:>13.1e}{agree}"
+            )
+    if results["memory_sweep"]:
+        lines += [
+            "",
+            f"memory sweep ({memory_kind} per rank, fresh processes): virtual batch micro x k (distaccum) vs real "
+            "batch micro x k in one pass; ratios against the real batch at the smallest k",
+            f"{'model':<12} {'micro':>5} {'k':>4} {'virtual':>9} {'real':>9} {'virtual/real(micro)':>20} "
+            f"{'real/real(micro)':>17}",
+        ]
+        for row in results["memory_sweep"]:
+            lines.append(
+                f"{row['model']:<12} {row['micro_batch_size']:>5} {row['accum_steps']:>4} "
+                f"{_fmt(row['virtual_peak_mib'], '.0f'):>9} {_fmt(row['real_peak_mib'], '.0f'):>9} "
+                f"{_fmt(row['virtual_vs_real_micro'], '.3f'):>20} {_fmt(row['real_vs_real_micro'], '.3f'):>17}"
+            )
+    targets = results["targets"]
+    lines += ["", "targets (reported, not asserted):"]
+    for row in targets["per_case"]:
+        red = row["gradient_reductions_per_step"]
+        lines.append(
+            f"  {row['model']} k={row['accum_steps']}: reductions/step distaccum {_counts(red.get('distaccum', '-'))} "
+            f"vs sync-every {_counts(red.get('sync_every', '-'))}; time distaccum/no_sync "
+            f"{_fmt(row['distaccum_vs_no_sync'], '.3f')} (CPU {_fmt(row['distaccum_vs_no_sync_cpu'], '.3f')}; "
+            f"target <= {targets['time_target_distaccum_vs_no_sync']}), "
+            f"/accelerate {_fmt(row['distaccum_vs_accelerate'], '.3f')}, /deepspeed "
+            f"{_fmt(row['distaccum_vs_deepspeed'], '.3f')} (target <= 1); num_items/plain "
+            f"{_fmt(row['items_vs_distaccum'], '.3f')} (CPU {_fmt(row['items_vs_distaccum_cpu'], '.3f')})"
+        )
+    lines.append(
+        f"  memory: max virtual(micro x k)/real(micro) {_fmt(targets['memory_virtual_vs_real_micro_max'], '.3f')} "
+        f"(target <= {targets['memory_target']})"
+    )
+    return "\n".join(lines)

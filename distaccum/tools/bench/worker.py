@@ -1,0 +1,180 @@
+"""One rank of a benchmark job: ``python -m distaccum.tools.bench.worker SPEC.json RESULT_DIR``.
+
+Two kinds of job, started by :mod:`distaccum.tools.bench.launch` with ``RANK``/``WORLD_SIZE``/``MASTER_*`` set:
+
+* ``time``: one long-lived group builds every method of a case, then runs rounds in which each method does
+  one optimizer step on the same micro-batches (the order rotates every round), so machine drift hits all
+  methods alike. Per step it records seconds and the collectives counted while it ran.
+* ``memory``: a fresh group builds one method and runs a few steps; peak RSS of the process (or peak CUDA
+  memory) is then that method's footprint, with nothing left over from other methods.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from distaccum import dist
+from distaccum.tools.bench.counting import CommCounter, counting_collectives
+from distaccum.tools.bench.methods import METHODS, Context, Method
+from distaccum.tools.bench.models import model_spec, round_batches
+
+
+def _sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:  # no /proc (macOS): the start-of-run figure is only informative
+        return 0
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def _context(spec: dict[str, Any], case: dict[str, Any], counter: CommCounter, raw_all_reduce: Any) -> Context:
+    return Context(
+        spec=model_spec(case["model"], spec["size"]),
+        micro_batch_size=case["micro_batch_size"],
+        accum_steps=case["accum_steps"],
+        seed=spec["seed"],
+        device=dist.device(),
+        world_size=dist.world_size(),
+        counter=counter,
+        raw_all_reduce=raw_all_reduce,
+    )
+
+
+def _flat(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach().to("cpu", torch.float64).flatten() for p in params])
+
+
+def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    names: list[str] = spec["methods"]
+    methods: dict[str, Method] = {}
+    for name in names:
+        methods[name] = METHODS[name](ctx)
+        gc.collect()
+    # Accelerate and DeepSpeed may change the thread count when they start; every method gets the same.
+    torch.set_num_threads(spec["threads"])
+    records: dict[str, dict[str, list[Any]]] = {
+        name: {"seconds": [], "cpu_seconds": [], "gradient_reductions": [], "other_collectives": []} for name in names
+    }
+    for round_index in range(spec["warmup"] + spec["rounds"]):
+        batches = round_batches(
+            ctx.spec,
+            seed=ctx.seed,
+            step=round_index,
+            rank=dist.rank(),
+            micro_batch_size=ctx.micro_batch_size,
+            accum_steps=ctx.accum_steps,
+        )
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            method = methods[name]
+            prepared = method.prepare(batches)
+            torch_dist.barrier()
+            _sync_device(ctx.device)
+            ctx.counter.reset()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            method.step(prepared)
+            _sync_device(ctx.device)
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            if round_index >= spec["warmup"]:
+                records[name]["seconds"].append(elapsed)
+                records[name]["cpu_seconds"].append(cpu)
+                records[name]["gradient_reductions"].append(ctx.counter.gradient_reductions)
+                records[name]["other_collectives"].append(ctx.counter.other_collectives)
+    # Same seed, same data, same number of steps: every method should have made the same update as (b).
+    torch.manual_seed(ctx.seed)
+    initial = _flat(list(ctx.spec.build().parameters()))
+    finals = {name: _flat(methods[name].parameters()) for name in names}
+    reference = finals.get("no_sync", finals[names[0]])
+    update = float((reference - initial).norm())
+    for name in names:
+        records[name]["update_mismatch"] = [float((finals[name] - reference).norm()) / max(update, 1e-300)]
+        records[name]["fingerprint"] = [float(finals[name].sum()), float(finals[name].norm())]
+        methods[name].close()
+    methods.clear()
+    gc.collect()
+    return {**case, "methods": records}
+
+
+def time_cases(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run every case of a ``time`` job on this rank; returns per-method step times and counts."""
+    counter = CommCounter()
+    raw_all_reduce = torch_dist.all_reduce
+    current: dict[str, Context] = {}
+    cases = []
+    accelerator = None
+    with counting_collectives(counter, gradient_buffers=lambda: current["ctx"].python_gradient_reductions):
+        for case in spec["cases"]:
+            ctx = _context(spec, case, counter, raw_all_reduce)
+            ctx.accelerator = accelerator
+            current["ctx"] = ctx
+            cases.append(_time_case(spec, case, ctx))
+            accelerator = ctx.accelerator
+            del ctx
+    return {"cases": cases, "threads": torch.get_num_threads()}
+
+
+def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build one method in this fresh process, run a few steps, and report peak memory."""
+    case = spec["cases"][0]
+    (name,) = spec["methods"]
+    ctx = _context(spec, case, CommCounter(), torch_dist.all_reduce)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    baseline = _current_rss_bytes()
+    method = METHODS[name](ctx)
+    torch.set_num_threads(spec["threads"])
+    for step in range(spec["steps"]):
+        batches = round_batches(
+            ctx.spec,
+            seed=ctx.seed,
+            step=step,
+            rank=dist.rank(),
+            micro_batch_size=ctx.micro_batch_size,
+            accum_steps=ctx.accum_steps,
+        )
+        method.step(method.prepare(batches))
+    _sync_device(ctx.device)
+    result = {
+        **case,
+        "method": name,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "baseline_rss_bytes": baseline,
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None,
+    }
+    method.close()
+    del method, ctx
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of one rank: read the job, run it inside a clean process group, write the result."""
+    spec_path, result_dir = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    job = time_cases if spec["kind"] == "time" else measure_memory
+    result = dist.run(job, spec)
+    Path(result_dir, f"result-{dist.rank()}.json").write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The window ledger: how each micro-step's loss is scaled, and the one factor that makes the window's gradient exact.
+
+No collectives here: the accumulator reduces :meth:`WindowLedger.local_stats` over ranks and hands the sums to
+:meth:`WindowLedger.close`.
+
+Every micro-step's loss is scaled once before its backward, and the summed gradient is corrected once at the
+boundary, after the backend reduced it (the fairseq / Megatron "scale once at the boundary" scheme):
+
+* without ``num_items``, each micro-batch loss is multiplied by ``1/accum_steps`` (free, like a hand-written
+  loop). A full window then needs no correction at all; a short window (``flush`` / ``last=True``) is
+  multiplied by ``accum_steps * world_size / micro_steps_seen`` so that it is the mean of the micro-batches
+  it really had.
+* with ``num_items=n``, the loss (a mean over ``n`` items) is multiplied by ``n / (c * accum_steps)``, where
+  ``c`` is a rank-consistent estimate of items per micro-step (the global mean of the previous window; for
+  the first window the mean ``n`` over ranks at the first micro-step where any rank has items, from one extra
+  scalar all-reduce per run that also checks that all ranks give ``num_items`` or none do). The gradient is
+  then ``sum(n_i * g_i) / (c * k * W)`` after the backend's average, and one scalar all-reduce of the
+  window's item count ``N`` at the boundary gives the exact factor ``c * k * W / N``. Why this and not
+  pre-counting the window: it needs no look-ahead into the data, works identically for DDP, FSDP1, FSDP2 and
+  DeepSpeed (the correction is applied to reduced gradients, never to the backend's private buffers), and
+  keeps the scaled loss at the magnitude of a plain ``loss / accum_steps``, so an fp16 ``GradScaler`` never
+  sees a loss multiplied by a token count.
+
+The same boundary all-reduce carries the window's loss (so the step result reports the true window loss over
+all ranks) and the micro-step count.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Mode = Literal["items", "mean"]
+
+
+@dataclass(frozen=True)
+class WindowClose:
+    """What a finished window needs: the gradient factor, and what the step result reports."""
+
+    factor: float
+    """Multiply the reduced gradient by this (1.0: nothing to do)."""
+    loss: float
+    """The window loss over all ranks (NaN when the window had no item)."""
+    micro_steps: int
+    """Micro-steps of the window summed over ranks."""
+    num_items: int | None
+    """Global item count, in item mode."""
+    skip: bool
+    """No item anywhere in the window: there is no gradient to take."""
+
+
+def item_count(num_items: int | torch.Tensor) -> int:
+    """``num_items`` as a Python int.
+
+    Raises:
+        ValueError: negative or not a whole number.
+    """
+    count = int(num_items.item()) if isinstance(num_items, torch.Tensor) else int(num_items)
+    if count < 0 or count != num_items:
+        raise ValueError(f"num_items must be a non-negative integer, got {num_items!r}")
+    return count
+
+
+class WindowLedger:
+    """Per-window bookkeeping: position, item count, loss sum, mode; and ``c``, the items-per-micro-step estimate.
+
+    Args:
+        accum_steps: micro-steps in a full window.
+    """
+
+    def __init__(self, accum_steps: int) -> None:
+        self.accum_steps = accum_steps
+        self.item_scale: float | None = None
+        """``c``: the rank-consistent items per micro-step the window's losses are scaled with (None until known)."""
+        self.items_agreed = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.position = 0
+        self.items = 0
+        self.loss_sum: torch.Tensor | None = None
+        self.mode: Mode | None = None
+
+    def needs_item_agreement(self, count: int | None) -> bool:
+        """Whether this micro-step's backward must first agree with the other ranks on items: at the first
+        backward of a run (or after a load), and while some rank gives items and ``c`` is not known yet."""
+        return not self.items_agreed or (count is not None and self.item_scale is None)
+
+    def agree_on_items(self, ranks_giving: int, items: float) -> None:
+        """Take the ranks' agreement; set ``c`` from the first one that saw items (never changed mid-window:
+        the window's gradients were scaled with it)."""
+        self.items_agreed = True
+        # None until some rank has items: a fallback of 1 would scale the rest of the first window by raw item
+        # counts (fp16 overflow). Every rank computes the same value, so all repeat this in lockstep meanwhile.
+        if ranks_giving and self.item_scale is None and items > 0:
+            self.item_scale = items / ranks_giving
+
+    def record(self, loss: torch.Tensor, count: int | None) -> tuple[torch.Tensor, float]:
+        """Book one micro-step's loss; returns the loss to differentiate and its scale.
+
+        Raises:
+            ValueError: ``num_items`` was given in this micro-step and not in an earlier one of the window, or
+                the reverse.
+        """
+        mode: Mode = "mean" if count is None else "items"
+        if self.mode not in (None, mode):
+            raise ValueError(
+                f"num_items was {'not ' if count is None else ''}given in this micro-step but was "
+                f"{'' if count is None else 'not '}given earlier in the window; give num_items in every "
+                "micro-step or in none."
+            )
+        self.mode = mode
+        detached = loss.detach().to(torch.float64)
+        if count is None:
+            scale = 1.0 / self.accum_steps
+        else:
+            # While no rank has seen an item yet, every rank's count is 0 and so is its scale.
+            scale = count / (self.item_scale * self.accum_steps) if self.item_scale else 0.0
+            self.items += count
+            if count == 0:
+                # A mean over zero items is NaN (cross_entropy with all targets ignored); it contributes nothing,
+                # but the backward must still run so that every rank joins the reduction.
+                loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+                detached = torch.zeros_like(detached)
+            detached = detached * count
+        self.loss_sum = detached if self.loss_sum is None else self.loss_sum + detached
+        return loss, scale
+
+    def local_stats(self) -> list[float]:
+        """This rank's window, to be summed over ranks: items, loss sum, micro-steps, item ranks, mean ranks."""
+        return [
+            float(self.items),
+            0.0 if self.loss_sum is None else float(self.loss_sum),
+            float(self.position),
+            float(self.mode == "items"),
+            float(self.mode == "mean"),
+        ]
+
+    def close(self, totals: list[float], averaged_over: int) -> WindowClose:
+        """The window's factor and result from :meth:`local_stats` summed over ranks.
+
+        Args:
+            totals: the summed stats.
+            averaged_over: how many ranks' gradients the backend's reduction averaged.
+
+        Raises:
+            RuntimeError: some ranks gave ``num_items`` in this window and others did not.
+        """
+        items, loss_sum, micro, item_ranks, mean_ranks = totals[:5]
+        if item_ranks and mean_ranks:
+            raise RuntimeError(
+                f"{int(item_ranks)} rank(s) gave num_items in this window and {int(mean_ranks)} did not; all "
+                "ranks must use acc.backward(loss, num_items=...) alike."
+            )
+        micro_steps = int(micro)
+        if not item_ranks:
+            factor = self.accum_steps * averaged_over / micro_steps
+            return WindowClose(factor, loss_sum / micro_steps, micro_steps, None, skip=False)
+        if not items:
+            # No item anywhere in the window: the step is skipped on all ranks, and the mean loss over zero items
+            # is NaN, as torch's own cross_entropy reports it.
+            return WindowClose(0.0, math.nan, micro_steps, 0, skip=True)
+        assert self.item_scale is not None  # set at the first micro-step where some rank had items
+        factor = self.item_scale * self.accum_steps * averaged_over / items
+        # Keeps the next window's scaled losses at the size of loss / accum_steps (fp16-safe).
+        self.item_scale = items / micro_steps
+        return WindowClose(factor, loss_sum / items, micro_steps, int(items), skip=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values (checkpoint format version 1 keys)."""
+        return {
+            "micro_step": self.position,
+            "item_scale": self.item_scale,
+            "window_items": self.items,
+            "window_loss": None if self.loss_sum is None else float(self.loss_sum),
+            "window_mode": self.mode,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, with_grads: bool) -> None:
+        """Restore :meth:`state_dict`; ``with_grads``: the open window's gradients were restored too."""
+        if state["micro_step"] and not with_grads:
+            warnings.warn(
+                f"loaded a mid-window state (micro-step {state['micro_step']} of {self.accum_steps}) without its "
+                f"gradients: the window's first {state['micro_step']} micro-batches are lost. Save with "
+                "acc.state_dict(include_grads=True) (distaccum.checkpoint does) for an exact resume.",
+                stacklevel=3,
+            )
+        self.items_agreed = False  # the ranks agree again at the next backward
+        self.position = int(state["micro_step"])
+        self.item_scale = state["item_scale"]
+        self.items = int(state["window_items"])
+        loss = state["window_loss"]
+        self.loss_sum = None if loss is None else torch.tensor(loss, dtype=torch.float64)
+        self.mode = state["window_mode"]

@@ -1,0 +1,117 @@
+"""The virtual batch equals the real batch: 2 real gloo ranks per backend vs one process on the real batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distaccum import Accumulator, BatchPlan
+from tests.helpers.common import (
+    loss_fn,
+    make_data,
+    make_model,
+    make_optimizer,
+    max_relative_error,
+    rank_micro_batches,
+    reference_run,
+)
+from tests.helpers.spawn import run_ranks
+from tests.helpers.wrappers import count_reductions, full_state, wrap
+
+STEPS = 3
+GLOBAL_BATCH = 48
+MICRO_BATCH = 4  # accum_steps = 48 / (4 x 2) = 6 on two ranks
+TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
+BACKENDS = ("ddp", "fsdp1", "fsdp2")
+OPTIMIZERS = ("sgd", "adam")
+DTYPES = (torch.float32, torch.float64)
+
+
+def train_backend(rank: int, world_size: int, backend: str) -> dict:
+    """All optimizer x dtype cases for one backend in one spawn; returns weights, norms and reduction counts."""
+    results: dict = {}
+    for optimizer_name in OPTIMIZERS:
+        for dtype in DTYPES:
+            model = wrap(make_model(dtype), backend, world_size)
+            optimizer = make_optimizer(optimizer_name, model.parameters())
+            plan = BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH)
+            acc = Accumulator(model, optimizer, plan)
+            inputs, targets = make_data(STEPS, GLOBAL_BATCH, dtype)
+            reductions_per_micro_step: list[int] = []
+            grads_mid_window: list[torch.Tensor] = []
+            with count_reductions(model, backend) as counter:
+                for step in range(STEPS):
+                    for x, y in rank_micro_batches(inputs[step], targets[step], rank, world_size, MICRO_BATCH):
+                        before = counter[0]
+                        with acc.micro_step():
+                            acc.backward(loss_fn(model(x), y))
+                        reductions_per_micro_step.append(counter[0] - before)
+                        if backend == "ddp" and step == 0 and acc.micro_step_in_window == 1:
+                            grads_mid_window = [p.grad.detach().clone() for p in model.parameters()]
+            results[(optimizer_name, dtype)] = {
+                "state": full_state(model),
+                "reductions": reductions_per_micro_step,
+                "grads_mid_window": grads_mid_window,
+                "norms": [acc.last_step.grad_norm] if acc.last_step else [],
+                "steps": acc.optimizer_steps,
+            }
+            del model, optimizer, acc
+    return results
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend_run(request) -> tuple[str, list[dict]]:
+    return request.param, run_ranks(train_backend, request.param)
+
+
+@pytest.fixture(scope="module")
+def references() -> dict:
+    return {(o, d): reference_run(o, STEPS, GLOBAL_BATCH, d)[0] for o in OPTIMIZERS for d in DTYPES}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
+def test_two_ranks_match_single_process_real_batch(backend_run, references, optimizer_name, dtype):
+    backend, ranks = backend_run
+    for rank, results in enumerate(ranks):
+        result = results[(optimizer_name, dtype)]
+        assert result["steps"] == STEPS
+        error = max_relative_error(result["state"], references[(optimizer_name, dtype)])
+        print(f"{backend} {optimizer_name} {dtype} rank {rank}: max relative error {error:.2e}")
+        assert error <= TOLERANCE[dtype]
+
+
+def test_gradients_are_reduced_only_at_the_boundary(backend_run):
+    _, ranks = backend_run
+    accum_steps = GLOBAL_BATCH // (MICRO_BATCH * 2)
+    for results in ranks:
+        counts = results[("sgd", torch.float32)]["reductions"]
+        assert len(counts) == STEPS * accum_steps
+        windows = [counts[i : i + accum_steps] for i in range(0, len(counts), accum_steps)]
+        for window in windows:
+            assert window[:-1] == [0] * (accum_steps - 1), counts
+            assert window[-1] >= 1, counts
+        # The same count at every boundary: one per bucket, not one per micro-batch.
+        assert len({window[-1] for window in windows}) == 1
+
+
+def test_ddp_gradients_differ_across_ranks_mid_window():
+    results = run_ranks(train_backend, "ddp")
+    mid = [r[("sgd", torch.float32)]["grads_mid_window"] for r in results]
+    assert mid[0] and mid[1]
+    assert any(not torch.equal(a, b) for a, b in zip(mid[0], mid[1], strict=True))
+
+
+def test_single_process_plain_module_matches_real_batch():
+    for optimizer_name in OPTIMIZERS:
+        model = make_model()
+        optimizer = make_optimizer(optimizer_name, model.parameters())
+        acc = Accumulator(model, optimizer, BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH))
+        assert acc.backend == "plain" and acc.plan.accum_steps == GLOBAL_BATCH // MICRO_BATCH
+        inputs, targets = make_data(STEPS, GLOBAL_BATCH)
+        for step in range(STEPS):
+            for x, y in rank_micro_batches(inputs[step], targets[step], 0, 1, MICRO_BATCH):
+                with acc.micro_step():
+                    acc.backward(loss_fn(model(x), y))
+        expected, _ = reference_run(optimizer_name, STEPS, GLOBAL_BATCH)
+        assert max_relative_error(model.state_dict(), expected) <= 1e-6

@@ -1,0 +1,429 @@
+"""Faults and bad input: exact resume mid-window, elastic world size, killed and stalled ranks, disagreeing ranks,
+non-finite gradients and uneven data, each ending in a clear error or the documented recovery, never a hang.
+
+Where training continues after the fault, the final weights are compared with a run that never met it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+
+from distaccum import Accumulator, BatchPlan, checkpoint
+from tests.helpers import fault_workers as workers
+from tests.helpers.common import loss_fn, make_data, make_model, make_optimizer, max_relative_error
+from tests.helpers.launchers import free_port
+from tests.helpers.spawn import run_ranks
+
+ROOT = Path(__file__).resolve().parents[2]
+EXACT = 1e-6  # the acceptance bound; same-world-size resumes are in fact bit-identical
+
+
+# --------------------------------------------------------------------------------------- exact resume mid-window
+@pytest.fixture(scope="module")
+def mid_window_resumes() -> tuple[list[dict], list[dict]]:
+    uninterrupted = run_ranks(workers.save_at_every_micro_step, timeout_s=120)
+    snapshots = [result["snapshots"] for result in uninterrupted]
+    resumed = run_ranks(workers.resume_from_snapshots, snapshots, timeout_s=120)
+    return uninterrupted, resumed
+
+
+def test_ddp_resume_at_every_micro_step_ends_with_the_uninterrupted_weights(mid_window_resumes):
+    uninterrupted, resumed = mid_window_resumes
+    points = len(uninterrupted[0]["snapshots"])
+    assert points == workers.STEPS * workers.ACCUM  # mid-window (1, 2 of 3) and boundary points alike
+    for rank in range(2):
+        assert len(resumed[rank]["finals"]) == points
+        for final in resumed[rank]["finals"]:
+            assert max_relative_error(final, uninterrupted[0]["final"]) <= EXACT
+    # The saved mid-window gradients are each rank's own (unreduced, different per rank).
+    grads = [result["snapshots"][1]["accumulator"]["grads"] for result in uninterrupted]
+    assert not torch.equal(grads[0][0], grads[1][0])
+
+
+def test_mid_window_resume_without_gradients_warns_and_loses_them(mid_window_resumes):
+    uninterrupted, resumed = mid_window_resumes
+    assert any(
+        "without its gradients: the window's first 2 micro-batches are lost" in w for w in resumed[0]["warnings"]
+    )
+    assert max_relative_error(resumed[0]["without_grads"], uninterrupted[0]["final"]) > 1e-3
+
+
+def test_fsdp_mid_window_gradients_are_refused_with_the_way_out(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    model = make_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    acc = Accumulator(model, make_optimizer("sgd", model.parameters()), BatchPlan(micro_batch_size=4, accum_steps=2))
+    x, y = make_data(1, 4)
+    assert acc.state_dict(include_grads=True).get("grads") is None  # at a boundary there is nothing to keep
+    with acc.micro_step():
+        acc.backward(loss_fn(model(x[0]), y[0]))
+    with pytest.raises(ValueError, match=r"include_grads=True at micro-step 1 of 2: fsdp2 keeps .* window boundary"):
+        acc.state_dict(include_grads=True)
+    with pytest.raises(ValueError, match=r"include_grads=True at micro-step 1 of 2: fsdp2 keeps"):
+        checkpoint.save(tmp_path / "ckpt", model=model, optimizer=acc.optimizer, accumulator=acc, include_grads=True)
+    with pytest.raises(ValueError, match=r"mid-window \(micro-step 1 of 2\).* or pass include_grads=True"):
+        checkpoint.save(tmp_path / "ckpt", model=model, optimizer=acc.optimizer, accumulator=acc)
+    assert not (tmp_path / "ckpt").exists()  # refused before anything was written
+    del model, acc
+
+
+# ------------------------------------------------------------------------------------------- elastic world size
+def _single_process_run(boundary_state: dict | None, boundary_step: int) -> dict:
+    """The world-size-1 counterpart of workers.elastic_run, in this process."""
+    inner, model, optimizer, acc = workers._build(1, workers.MICRO * workers.ACCUM * 2)
+    kept: dict = {}
+
+    def keep(step: int, done_in_window: int) -> None:
+        if acc.stepped and acc.optimizer_steps == boundary_step:
+            kept.update(
+                model={k: v.clone() for k, v in inner.state_dict().items()},
+                optimizer=torch.load(workers._roundtrip(optimizer.state_dict()), weights_only=False),
+                accumulator=acc.state_dict(include_grads=True),
+            )
+
+    workers._train(0, 1, model, acc, on_micro_step=keep)
+    result: dict = {"uninterrupted": {k: v.clone() for k, v in inner.state_dict().items()}, "boundary_state": kept}
+    if boundary_state is not None:
+        inner, model, optimizer, acc = workers._build(1, workers.MICRO * workers.ACCUM * 2)
+        inner.load_state_dict(boundary_state["model"])
+        optimizer.load_state_dict(boundary_state["optimizer"])
+        acc.load_state_dict(boundary_state["accumulator"])
+        result["resumed_accum_steps"] = acc.plan.accum_steps
+        workers._train(0, 1, model, acc, start=(boundary_step, 0))
+        result["resumed"] = {k: v.clone() for k, v in inner.state_dict().items()}
+        result["steps"] = acc.optimizer_steps
+    return result
+
+
+@pytest.fixture(scope="module")
+def elastic_runs() -> tuple[dict, list[dict], dict]:
+    boundary_step = 1
+    one = _single_process_run(None, boundary_step)
+    two = run_ranks(workers.elastic_run, one["boundary_state"], boundary_step, timeout_s=120)
+    one_resumed = _single_process_run(two[0]["boundary_state"], boundary_step)
+    return one, two, one_resumed
+
+
+def test_boundary_checkpoint_from_one_rank_resumes_on_two_with_the_same_weights(elastic_runs):
+    one, two, _ = elastic_runs
+    for rank_result in two:
+        assert rank_result["resumed_accum_steps"] == workers.ACCUM  # re-planned: 6 on one rank, 3 on two
+        assert rank_result["steps"] == workers.STEPS
+        assert max_relative_error(rank_result["resumed"], one["uninterrupted"]) <= EXACT
+
+
+def test_boundary_checkpoint_from_two_ranks_resumes_on_one_with_the_same_weights(elastic_runs):
+    _, two, one_resumed = elastic_runs
+    assert one_resumed["resumed_accum_steps"] == 2 * workers.ACCUM and one_resumed["steps"] == workers.STEPS
+    assert max_relative_error(one_resumed["resumed"], two[0]["uninterrupted"]) <= EXACT
+    # and the two sizes really are different runs of the same training, not one copied into the other
+    assert 0 < max_relative_error(two[0]["uninterrupted"], one_resumed["uninterrupted"]) <= EXACT
+
+
+def test_mid_window_checkpoint_cannot_change_world_size():
+    model = make_model()
+    acc = Accumulator(
+        model, make_optimizer("sgd", model.parameters()), BatchPlan(global_batch_size=24, micro_batch_size=4)
+    )
+    state = acc.state_dict()
+    state.update(plan=BatchPlan(global_batch_size=24, micro_batch_size=4, world_size=2).as_dict(), micro_step=1)
+    with pytest.raises(ValueError, match=r"mid-window \(micro-step 1 of 3\) on 2 rank\(s\) and cannot resume on 1"):
+        acc.load_state_dict(state)
+
+
+def test_checkpoint_with_another_micro_batch_is_refused():
+    model = make_model()
+    acc = Accumulator(
+        model, make_optimizer("sgd", model.parameters()), BatchPlan(global_batch_size=24, micro_batch_size=4)
+    )
+    state = acc.state_dict()
+    state["plan"] = BatchPlan(global_batch_size=24, micro_batch_size=6, world_size=1).as_dict()
+    with pytest.raises(
+        ValueError, match=r"checkpoint was made with plan \(global_batch_size 24 = accum_steps 4 x micro"
+    ):
+        acc.load_state_dict(state)
+
+
+def test_saved_gradients_that_do_not_fit_the_model_are_refused():
+    model = make_model()
+    acc = Accumulator(
+        model, make_optimizer("sgd", model.parameters()), BatchPlan(global_batch_size=8, micro_batch_size=4)
+    )
+    state = {**acc.state_dict(), "micro_step": 1, "grads": [torch.zeros(3)]}
+    with pytest.raises(ValueError, match=r"saved gradients \(1 tensors\) do not fit this optimizer's 6 parameters"):
+        acc.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------- ranks that disagree
+def test_ranks_that_disagree_on_position_or_step_fail_on_every_rank():
+    messages = run_ranks(workers.disagreements, timeout_s=90)
+    for rank_messages in messages:
+        position, step = rank_messages
+        assert "rank 1 has micro_step=1 where rank 0 has 0" in position
+        assert "ranks disagree on the optimizer step at a window boundary" in step
+    assert "this rank: 7" in messages[1][1] and "this rank: 0" in messages[0][1]
+
+
+# --------------------------------------------------------------------------------------------------- non-finite
+def test_nan_on_one_rank_skips_the_step_on_both_or_raises_on_both():
+    results = run_ranks(workers.nan_on_one_rank, timeout_s=90)
+    for result in results:
+        steps = result["skip"]["after_step"]
+        assert [step.skipped for step, _ in steps] == [False, True, False]
+        assert result["skip"]["skipped_steps"] == 1
+        assert all(torch.equal(steps[0][1][k], steps[1][1][k]) for k in steps[0][1])  # step 2 changed nothing
+        assert "non-finite gradient norm nan at optimizer step 2" in result["raise"]["error"]
+        assert result["raise"]["steps"] == 1
+    finals = [result["skip"]["after_step"][-1][1] for result in results]
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # the ranks stay identical
+    # Nothing else lost: the same as training on windows 1 and 3 only.
+    reference = make_model()
+    optimizer = make_optimizer("sgd", reference.parameters())
+    inputs, targets = make_data(2 * workers.STEPS, workers.MICRO)
+    for window in (0, 2):
+        optimizer.zero_grad()
+        loss_fn(
+            reference(inputs[2 * window : 2 * window + 2].reshape(-1, inputs.shape[-1])),
+            targets[2 * window : 2 * window + 2].reshape(-1, targets.shape[-1]),
+        ).backward()
+        optimizer.step()
+    assert max_relative_error(finals[0], reference.state_dict()) <= EXACT
+
+
+# -------------------------------------------------------------------------------------------------- uneven data
+def test_uneven_data_across_ranks_ends_with_a_short_window_instead_of_a_hang():
+    counts = (7, 5)  # micro-batches per rank; accum_steps 2
+    results = run_ranks(workers.uneven_data, counts, timeout_s=90)
+    data = [make_data(max(counts), workers.MICRO, seed=10 + rank) for rank in range(2)]
+
+    def reference(windows: list[list[int]]) -> dict:
+        model = make_model()
+        optimizer = make_optimizer("sgd", model.parameters())
+        for window in windows:
+            inputs = torch.cat([data[rank][0][index] for rank in range(2) for index in window])
+            targets = torch.cat([data[rank][1][index] for rank in range(2) for index in window])
+            optimizer.zero_grad()
+            loss_fn(model(inputs), targets).backward()
+            optimizer.step()
+        return model.state_dict()
+
+    stepped = [result[False] for result in results]
+    assert [result["micro_steps_per_step"] for result in stepped] == [[4, 4, 2]] * 2  # last window: 1 per rank
+    assert [result["dropped"] for result in stepped] == [1, 0]  # rank 0's 6th micro-batch
+    assert [result["read"] for result in stepped] == [6, 5]  # rank 0's 7th is never read
+    for result in stepped:
+        assert max_relative_error(result["state"], reference([[0, 1], [2, 3], [4]])) <= EXACT
+    dropped = [result[True] for result in results]
+    assert [result["micro_steps_per_step"] for result in dropped] == [[4, 4]] * 2
+    assert [result["dropped"] for result in dropped] == [2, 1]
+    for result in dropped:
+        assert max_relative_error(result["state"], reference([[0, 1], [2, 3]])) <= EXACT
+
+
+def test_iterate_needs_one_micro_step_per_micro_batch():
+    model = make_model()
+    acc = Accumulator(model, make_optimizer("sgd", model.parameters()), BatchPlan(micro_batch_size=4, accum_steps=2))
+    inputs, targets = make_data(3, 4)
+    with pytest.raises(RuntimeError, match=r"acc.iterate\(\) yields one micro-batch per acc.micro_step\(\)"):
+        for _ in acc.iterate(zip(inputs, targets, strict=True)):
+            pass
+
+
+def test_iterate_left_early_does_not_end_a_later_window():
+    model = make_model()
+    acc = Accumulator(model, make_optimizer("sgd", model.parameters()), BatchPlan(micro_batch_size=4, accum_steps=2))
+    inputs, targets = make_data(3, 4)
+    for x, y in acc.iterate(zip(inputs, targets, strict=True)):
+        if acc.optimizer_steps == 1:  # the next one would be the short last window's only micro-batch
+            break
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x), y))
+    for x, y in zip(inputs[:2], targets[:2], strict=True):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x), y))
+    assert acc.optimizer_steps == 2 and acc.last_step.micro_steps == 2
+
+
+# ------------------------------------------------------------------------------------ dead or stalled ranks
+def _misbehaving_job(case: str, timeout_s: float) -> tuple[dict, float, list[int | None]]:
+    """Two ranks of tests/helpers/fault_workers.py joined through the environment; returns rank 0's report."""
+    port = free_port()
+    processes = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1"}
+        env.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.helpers.fault_workers", case, str(timeout_s)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    started = time.monotonic()
+    try:
+        out, err = processes[0].communicate(timeout=90)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    elapsed = time.monotonic() - started
+    reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert reports, out + err
+    return reports[0], elapsed, [process.returncode for process in processes]
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("stall", r"Timed out waiting 3000ms"),
+        ("exit", r"Connection (reset|closed) by peer"),
+    ],
+)
+def test_a_rank_that_stalls_or_dies_makes_the_others_fail_within_the_timeout(case, expected):
+    timeout_s = 3.0
+    report, _, codes = _misbehaving_job(case, timeout_s)
+    assert report["rank"] == 0 and codes[0] != 0
+    assert re.search(expected, report["error"]), report
+    # rank 0 waited at most the process-group timeout (plus scheduling slack) in the collective, not forever
+    assert report["seconds_waited"] <= timeout_s + 5.0
+
+
+def test_a_rank_that_flushes_while_the_others_train_fails_instead_of_hanging():
+    report, _, codes = _misbehaving_job("flush", 3.0)
+    assert codes[0] != 0 and report["seconds_waited"] <= 8.0
+
+
+# ------------------------------------------------------------------------------- through distaccum.checkpoint
+@pytest.fixture(scope="module")
+def checkpoint_roundtrips(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    directory = tmp_path_factory.mktemp("checkpoints")
+    return directory, run_ranks(workers.checkpoint_roundtrips, str(directory), timeout_s=180)
+
+
+def test_checkpoint_helper_resumes_ddp_mid_window_exactly(checkpoint_roundtrips):
+    directory, results = checkpoint_roundtrips
+    assert sorted(path.name for path in (directory / "ddp" / "step-00000001-micro-0002").iterdir()) == [
+        "grads-rank00000.pt",
+        "grads-rank00001.pt",
+        "meta.json",
+        "state.pt",
+    ]
+    for result in results:
+        assert max_relative_error(result["ddp"]["resumed"], result["ddp"]["uninterrupted"]) <= EXACT
+
+
+def test_checkpoint_helper_saves_fsdp2_with_distributed_checkpoint_and_resumes_exactly(checkpoint_roundtrips):
+    directory, results = checkpoint_roundtrips
+    assert any((directory / "fsdp2" / "step-00000001" / "sharded").glob("*.distcp"))
+    for result in results:
+        assert max_relative_error(result["fsdp2"]["resumed"], result["fsdp2"]["uninterrupted"]) <= EXACT
+
+
+def test_fsdp2_boundary_checkpoint_reshards_onto_one_rank(checkpoint_roundtrips, tmp_path):
+    directory, results = checkpoint_roundtrips
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    resumed = workers.train_with_checkpoint(0, 1, "fsdp2", str(directory / "fsdp2"), None)
+    assert max_relative_error(resumed, results[0]["fsdp2"]["uninterrupted"]) <= EXACT
+
+
+def test_mid_window_checkpoint_of_two_ranks_is_refused_on_one(checkpoint_roundtrips):
+    directory, _ = checkpoint_roundtrips
+    with pytest.raises(ValueError, match=r"taken mid-window \(micro-step 2 of 3\) on 2 rank\(s\) and cannot resume"):
+        workers.train_with_checkpoint(0, 1, "plain", str(directory / "ddp"), None)
+
+
+def test_resume_plan_lists_the_world_sizes_that_can_resume(checkpoint_roundtrips):
+    directory, _ = checkpoint_roundtrips
+    assert checkpoint.resume_plan(directory / "fsdp2", world_size=6).accum_steps == 1
+    with pytest.raises(
+        ValueError, match=r"world_size 4 cannot keep global_batch_size 24 .* valid world sizes: 1, 2, 3, 6"
+    ):
+        checkpoint.resume_plan(directory / "fsdp2", world_size=4)
+
+
+# -------------------------------------------------------------------------- a killed rank under torchrun
+KILLED_RUN_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def killed_rank_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """examples/train.py on 2 ranks under torchrun --max-restarts 1; the test SIGKILLs rank 1 once the first
+    checkpoint exists. Nothing in the training code knows about it."""
+    import psutil
+
+    from tests.helpers.examples import EXAMPLES, SIZES
+    from tests.helpers.launchers import start
+
+    directory = tmp_path_factory.mktemp("killed")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), EXAMPLES / "train.py", *SIZES]
+    command += ["--steps", str(KILLED_RUN_STEPS), "--checkpoint-dir", directory / "ckpt", "--checkpoint-every", "10"]
+    command += ["--save", directory / "weights.pt"]
+    process = start(command)
+    agent = psutil.Process(process.pid)
+    try:
+        deadline = time.monotonic() + 180
+        while checkpoint.latest(directory / "ckpt") is None:
+            assert process.poll() is None, "the job ended before its first checkpoint:\n" + process.communicate()[0]
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.01)
+        victims = [
+            child
+            for child in agent.children(recursive=True)
+            if "train.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == "1"
+        ]
+        assert len(victims) == 1, victims
+        victims[0].kill()  # SIGKILL: no handler, no clean-up, as an OOM killer or a lost node would do it
+        output, _ = process.communicate(timeout=240)
+    finally:
+        # torchrun starts each worker in its own session: a hang must not leave them behind.
+        if process.poll() is None:
+            for child in agent.children(recursive=True):
+                child.kill()
+            process.kill()
+            process.communicate()
+    return {"code": process.returncode, "output": output, "directory": directory}
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_from_the_last_checkpoint_with_the_same_weights(killed_rank_run):
+    from tests.helpers.examples import reference_weights
+
+    output = killed_rank_run["output"]
+    assert killed_rank_run["code"] == 0, output[-4000:]
+    assert re.search(r"failed \(exitcode: -9\) local_rank: 1", output), output[-4000:]  # torchrun saw the kill
+    resumed = [int(step) for step in re.findall(r"resumed from \S+ at step (\d+)", output)]
+    assert len(resumed) == 1 and 10 <= resumed[0] < KILLED_RUN_STEPS, output[-4000:]
+    weights = torch.load(killed_rank_run["directory"] / "weights.pt", weights_only=True)
+    assert max_relative_error(weights, reference_weights(KILLED_RUN_STEPS)) <= EXACT
+
+
+@pytest.mark.slow
+def test_the_two_rank_checkpoint_resumes_on_one_process_with_the_same_weights(killed_rank_run):
+    from tests.helpers.examples import EXAMPLES, SIZES, reference_weights
+    from tests.helpers.launchers import launch
+
+    directory = killed_rank_run["directory"]
+    steps = KILLED_RUN_STEPS + 5
+    command = [sys.executable, EXAMPLES / "train.py", *SIZES, "--steps", str(steps)]
+    output = launch([*command, "--checkpoint-dir", directory / "ckpt", "--save", directory / "elastic.pt"])
+    assert f"at step {KILLED_RUN_STEPS}" in output and "accum_steps 4 x micro_batch_size 8 x world_size 1" in output
+    weights = torch.load(directory / "elastic.pt", weights_only=True)
+    assert max_relative_error(weights, reference_weights(steps)) <= EXACT

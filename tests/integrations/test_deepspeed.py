@@ -1,0 +1,507 @@
+"""DeepSpeed ZeRO 0/1/2 under the Accumulator: equal to the real batch, one loss scaling, exact item weighting.
+
+The 2-rank run (one spawn, all three stages in turn) trains nine windows per stage on a real DeepSpeed engine
+over a gloo group: three full windows, a short window ended by ``acc.flush()``, three windows with ragged
+``num_items`` (one micro-batch of one rank without any item), a window without any item (skipped) and a short
+``last=True`` window with items; gradient clipping binds on some steps. Each step's weights and pre-clip
+gradient norm are compared with one process training on exactly the samples of that window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from distaccum import Accumulator, BatchPlan
+from tests.helpers.common import count_calls, loss_fn, make_data, make_model, make_optimizer, max_relative_error
+from tests.helpers.launchers import free_port
+from tests.helpers.spawn import run_ranks
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "launch" / "deepspeed"
+STAGES = (0, 1, 2)
+GLOBAL_BATCH = 48
+MICRO_BATCH = 4
+WORLD = 2
+ACCUM = GLOBAL_BATCH // (MICRO_BATCH * WORLD)  # 6
+TAIL = 2  # micro-steps per rank in each short window
+CLIP = 0.45  # binds on some steps of this run and not on others (asserted)
+# (kind, micro-steps per rank): the window sequence every stage trains.
+WINDOWS = (
+    ("mean", ACCUM),
+    ("mean", ACCUM),
+    ("mean", ACCUM),
+    ("mean-flush", TAIL),
+    ("items", ACCUM),
+    ("items", ACCUM),
+    ("items", ACCUM),
+    ("no-items", ACCUM),
+    ("items-last", TAIL),
+)
+TOLERANCE = 1e-6
+
+
+def _ds_config(stage: int) -> dict:
+    return {
+        "zero_optimization": {"stage": stage},
+        "gradient_clipping": CLIP,
+        "steps_per_print": 10**9,
+    }
+
+
+def item_mask(window: int, kind: str) -> torch.Tensor:
+    """Which samples of a window's global batch count as items: dense on rank 0, sparse on rank 1."""
+    if kind == "no-items":
+        return torch.zeros(GLOBAL_BATCH, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(100 + window)
+    draws = torch.rand(GLOBAL_BATCH, generator=generator)
+    per_rank = GLOBAL_BATCH // WORLD
+    density = torch.cat([torch.full((per_rank,), 0.9), torch.full((per_rank,), 0.25)])
+    mask = draws < density
+    mask[per_rank + MICRO_BATCH : per_rank + 2 * MICRO_BATCH] = False  # rank 1's 2nd micro-batch: all padding
+    mask[0] = True  # rank 0 always has items, so a window is never empty by chance
+    return mask
+
+
+def per_sample_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (output - target).square().mean(dim=1)
+
+
+def window_samples(rank: int, micro_steps: int) -> slice:
+    per_rank = GLOBAL_BATCH // WORLD
+    return slice(rank * per_rank, rank * per_rank + micro_steps * MICRO_BATCH)
+
+
+# ------------------------------------------------------------------------------------------ 2-rank worker
+def _setdefault_deepspeed_env() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _naive_double_scaled_norm(engine, inputs: torch.Tensor, targets: torch.Tensor, rank: int) -> float:
+    """Gradient norm when the loss is divided by accum_steps AND DeepSpeed divides it again (its default)."""
+    rows = window_samples(rank, ACCUM)
+    for index, (x, y) in enumerate(zip(inputs[rows].split(MICRO_BATCH), targets[rows].split(MICRO_BATCH), strict=True)):
+        engine.set_gradient_accumulation_boundary(index == ACCUM - 1)
+        engine.backward(loss_fn(engine(x), y) / ACCUM)  # scale_wrt_gas=True: DeepSpeed's default
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads))
+    engine.zero_grad()
+    return norm
+
+
+@contextlib.contextmanager
+def _count_reductions(counter: list[int]) -> Iterator[None]:
+    """Counts the gradient reductions DeepSpeed issues (through torch.distributed) inside the block."""
+    import torch.distributed as torch_dist
+
+    with count_calls(torch_dist, ("all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter"), counter):
+        yield
+
+
+def _train_stage(rank: int, stage: int) -> dict:
+    import deepspeed  # noqa: F401  (imported before the Accumulator picks the backend, as a user would)
+
+    from distaccum.integrations.deepspeed import initialize
+
+    model = make_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    plan = BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH)
+    engine = initialize(model, optimizer, plan, _ds_config(stage))
+    acc = Accumulator(engine, engine.optimizer, plan, max_grad_norm=CLIP)
+    inputs, targets = make_data(len(WINDOWS), GLOBAL_BATCH)
+    naive_norm = _naive_double_scaled_norm(engine, inputs[0], targets[0], rank) if stage == 0 else None
+    steps = []
+    inside_window_reductions = [0]
+    for window, (kind, micro_steps) in enumerate(WINDOWS):
+        rows = window_samples(rank, micro_steps)
+        mask = item_mask(window, kind)[rows]
+        batches = zip(
+            inputs[window][rows].split(MICRO_BATCH),
+            targets[window][rows].split(MICRO_BATCH),
+            mask.split(MICRO_BATCH),
+            strict=True,
+        )
+        for index, (x, y, m) in enumerate(batches):
+            last = kind == "items-last" and index == micro_steps - 1
+            counting = window == 1 and not acc.is_boundary  # window 0 also holds the ranks' start-up check
+            with (
+                _count_reductions(inside_window_reductions) if counting else contextlib.nullcontext(),
+                acc.micro_step(last=last),
+            ):
+                output = engine(x)
+                if kind == "mean" or kind == "mean-flush":
+                    acc.backward(loss_fn(output, y))
+                else:
+                    count = int(m.sum())
+                    acc.backward((per_sample_loss(output, y) * m).sum() / max(count, 1), num_items=count)
+        if kind == "mean-flush":
+            assert acc.micro_step_in_window == TAIL and not acc.stepped
+            acc.flush()
+        result = acc.last_step
+        assert result is not None and result.step == window + 1
+        weights = {name: value.detach().clone() for name, value in engine.module.state_dict().items()}
+        steps.append({"result": result, "weights": weights})
+    backend = acc.backend
+    del acc, engine, optimizer, model
+    return {
+        "backend": backend,
+        "steps": steps,
+        "naive_norm": naive_norm,
+        "inside_window_reductions": inside_window_reductions[0],
+    }
+
+
+def _all_stages_worker(rank: int, world_size: int) -> dict:
+    _setdefault_deepspeed_env()
+    results = {}
+    for stage in STAGES:
+        started = time.monotonic()
+        results[stage] = _train_stage(rank, stage)
+        results[stage]["seconds"] = time.monotonic() - started
+    return results
+
+
+# ------------------------------------------------------------------------------------------- reference
+def reference_steps(*, equal_micro_batches: bool = False) -> list[dict]:
+    """One process, the same windows: each step's loss over exactly the samples (and items) the ranks saw.
+
+    ``equal_micro_batches``: instead, average the micro-batches' item means (the error num_items fixes).
+    """
+    model = make_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    inputs, targets = make_data(len(WINDOWS), GLOBAL_BATCH)
+    steps = []
+    for window, (kind, micro_steps) in enumerate(WINDOWS):
+        rows = torch.cat([torch.arange(GLOBAL_BATCH)[window_samples(rank, micro_steps)] for rank in range(WORLD)])
+        x, y = inputs[window][rows], targets[window][rows]
+        mask = item_mask(window, kind)[rows]
+        if kind == "no-items":
+            steps.append({"norm": None, "weights": _weights(model), "loss": math.nan, "items": 0})
+            continue
+        optimizer.zero_grad()
+        if kind.startswith("mean"):
+            loss = loss_fn(model(x), y)
+        elif equal_micro_batches:
+            chunks = zip(per_sample_loss(model(x), y).split(MICRO_BATCH), mask.split(MICRO_BATCH), strict=True)
+            loss = torch.stack([(part * m).sum() / m.sum().clamp_min(1) for part, m in chunks]).mean()
+        else:
+            loss = (per_sample_loss(model(x), y) * mask).sum() / mask.sum()
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
+        optimizer.step()
+        steps.append({"norm": norm, "weights": _weights(model), "loss": loss.item(), "items": int(mask.sum())})
+    return steps
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def stage_runs() -> dict:
+    started = time.monotonic()
+    runs = run_ranks(_all_stages_worker, timeout_s=400)
+    print(f"\n2-rank DeepSpeed ZeRO 0/1/2 run: {time.monotonic() - started:.1f} s wall")
+    return {"ranks": runs, "reference": reference_steps()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_stage_equals_real_batch_every_step(stage_runs: dict, stage: int) -> None:
+    reference = stage_runs["reference"]
+    clipped = [step["norm"] is not None and step["norm"] > CLIP for step in reference]
+    assert any(clipped) and not all(clipped), "the run must exercise both clipped and unclipped steps"
+    for rank, run in enumerate(stage_runs["ranks"]):
+        ours = run[stage]
+        assert ours["backend"] == "deepspeed"
+        errors = [
+            max_relative_error(step["weights"], ref["weights"])
+            for step, ref in zip(ours["steps"], reference, strict=True)
+        ]
+        print(f"ZeRO {stage} rank {rank}: max rel weight error per step {[f'{e:.1e}' for e in errors]}")
+        assert max(errors) <= TOLERANCE, (WINDOWS, errors)
+        for (kind, _), step, ref in zip(WINDOWS, ours["steps"], reference, strict=True):
+            result = step["result"]
+            if kind == "no-items":
+                assert result.skipped and result.num_items == 0 and result.grad_norm is None
+                continue
+            assert not result.skipped, kind
+            # Gradient norm before clipping equals the real batch's: a loss scaled twice by accum_steps fails here.
+            assert result.grad_norm == pytest.approx(ref["norm"], rel=TOLERANCE), kind
+            assert result.loss == pytest.approx(ref["loss"], rel=TOLERANCE), kind
+            if kind.startswith("items"):
+                assert result.num_items == ref["items"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_reductions_inside_the_window(stage_runs: dict, stage: int) -> None:
+    # ZeRO 0/1 reduce once per optimizer step, at the boundary; ZeRO 2 reduce-scatters every micro-batch into its
+    # gradient partitions by design (it is how it partitions them), which the README states.
+    counts = [run[stage]["inside_window_reductions"] for run in stage_runs["ranks"]]
+    print(f"ZeRO {stage}: reductions in the {ACCUM - 1} non-boundary micro-steps of a window, per rank: {counts}")
+    if stage < 2:
+        assert counts == [0, 0]
+    else:
+        assert all(count >= ACCUM - 1 for count in counts)
+
+
+@pytest.mark.slow
+def test_deepspeed_would_divide_by_accum_steps_twice_without_scale_wrt_gas_false(stage_runs: dict) -> None:
+    # The control: the same first window with DeepSpeed's default engine.backward(loss) on top of the 1/accum_steps
+    # every hand-written loop applies gives a gradient accum_steps times too small; the accumulator's is exact.
+    reference_norm = stage_runs["reference"][0]["norm"]
+    for run in stage_runs["ranks"]:
+        naive = run[0]["naive_norm"]
+        print(f"double-scaled norm {naive:.6g} vs real batch {reference_norm:.6g} (ratio {reference_norm / naive:.4g})")
+        assert naive * ACCUM == pytest.approx(reference_norm, rel=1e-5)
+        assert run[0]["steps"][0]["result"].grad_norm == pytest.approx(reference_norm, rel=TOLERANCE)
+
+
+def test_items_weighting_matters_for_this_data() -> None:
+    # Guard on the test data: with these ragged item counts, weighting micro-batches equally (what a loop without
+    # num_items does) ends far from the item-weighted run, so the equality above really checks num_items.
+    exact = reference_steps()[-1]["weights"]
+    naive = reference_steps(equal_micro_batches=True)[-1]["weights"]
+    error = max_relative_error(naive, exact)
+    print(f"equal-weighted micro-batches vs exact item weighting: max rel weight error {error:.2e}")
+    assert error > 1e-3
+
+
+# ------------------------------------------------------------------------------ config checks (no ranks)
+def _plan(world_size: int = 2) -> BatchPlan:
+    return BatchPlan(global_batch_size=32, micro_batch_size=8, world_size=world_size)
+
+
+def test_config_batch_fields_filled_from_plan() -> None:
+    from distaccum.integrations.deepspeed import reconcile_config
+
+    config = {"train_batch_size": "auto", "zero_optimization": {"stage": 1}}
+    filled = reconcile_config(config, _plan())
+    assert filled["train_batch_size"] == 32
+    assert filled["train_micro_batch_size_per_gpu"] == 8
+    assert filled["gradient_accumulation_steps"] == 2
+    assert filled["gradient_clipping"] == 0.0  # not DeepSpeed's silent 1.0
+    assert filled["zero_allow_untested_optimizer"] is True
+    assert config == {"train_batch_size": "auto", "zero_optimization": {"stage": 1}}  # input untouched
+
+
+@pytest.mark.parametrize(
+    ("fields", "pattern"),
+    [
+        (
+            {"train_batch_size": 64},
+            r"train_batch_size 64 \(the plan's global_batch_size is 32\).*here 32 = 2 x 8 x 2",
+        ),
+        (
+            {"train_micro_batch_size_per_gpu": 4},
+            r"train_micro_batch_size_per_gpu 4 \(the plan's micro_batch_size is 8\)",
+        ),
+        (
+            {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4},
+            r"gradient_accumulation_steps 4 \(the plan's accum_steps is 2\).*here 32 = 2 x 8 x 2",
+        ),
+    ],
+)
+def test_config_batch_mismatch_raises_with_equation(fields: dict, pattern: str) -> None:
+    from distaccum.integrations.deepspeed import reconcile_config
+
+    with pytest.raises(ValueError, match=pattern):
+        reconcile_config(fields, _plan())
+
+
+def test_config_clipping_kept_or_rejected() -> None:
+    from distaccum.integrations.deepspeed import reconcile_config
+
+    assert reconcile_config({"gradient_clipping": 1.0}, _plan())["gradient_clipping"] == 1.0
+    with pytest.raises(ValueError, match=r"gradient_clipping must be a number >= 0.*got -1"):
+        reconcile_config({"gradient_clipping": -1}, _plan())
+
+
+def test_load_config_errors_and_comments(tmp_path: Path) -> None:
+    from distaccum.integrations.deepspeed import load_config
+
+    with pytest.raises(ValueError, match=r"does not exist"):
+        load_config(tmp_path / "missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(ValueError, match=r"is not valid JSON"):
+        load_config(broken)
+    commented = tmp_path / "commented.json"
+    commented.write_text(json.dumps({"_comment": "why", "train_batch_size": 32}))
+    assert load_config(commented) == {"train_batch_size": 32}
+
+
+def test_initialize_refuses_mismatched_config_before_starting() -> None:
+    pytest.importorskip("deepspeed")  # a test dependency; present in every venv launch/dev.sh builds
+    from distaccum.integrations.deepspeed import initialize
+
+    model = make_model()
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps 3 \(the plan's accum_steps is 2\)"):
+        initialize(model, make_optimizer("sgd", model.parameters()), _plan(), {"gradient_accumulation_steps": 3})
+
+
+def test_missing_deepspeed_names_the_pip_command() -> None:
+    code = (
+        "import sys; sys.modules['deepspeed'] = None\n"  # what an absent package looks like to `import deepspeed`
+        "from distaccum import BatchPlan\n"
+        "from distaccum.integrations.deepspeed import initialize\n"
+        "try:\n"
+        "    initialize(None, None, BatchPlan(global_batch_size=2, micro_batch_size=1, world_size=1), {})\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert 'pip install "distaccum[deepspeed]"' in done.stdout, done.stderr
+
+
+def test_single_process_engine_refuses_clipping_mismatch() -> None:
+    # One process without a launcher (`python train.py --deepspeed ...`): initialize() makes its own 1-rank group.
+    pytest.importorskip("deepspeed")
+    _setdefault_deepspeed_env()
+    from distaccum import dist
+    from distaccum.integrations.deepspeed import initialize
+
+    plan = BatchPlan(global_batch_size=8, micro_batch_size=4, world_size=1)
+    model = make_model()
+    engine = initialize(model, make_optimizer("sgd", model.parameters()), plan, {"gradient_clipping": 1.0})
+    try:
+        assert engine.gradient_accumulation_steps() == 2 and engine.gradient_clipping() == 1.0
+        acc = Accumulator(engine, engine.optimizer, plan)  # max_grad_norm=None: no clipping wanted
+        inputs, targets = make_data(1, 8)
+        with acc.micro_step():
+            acc.backward(loss_fn(engine(inputs[0][:4]), targets[0][:4]))
+        with pytest.raises(ValueError, match=r"max_grad_norm=None\).*gradient_clipping 1.*Pass max_grad_norm=1"):
+            with acc.micro_step():
+                acc.backward(loss_fn(engine(inputs[0][4:]), targets[0][4:]))
+    finally:
+        del engine
+        dist.shutdown()
+
+
+# --------------------------------------------------------------------------------------------- launch files
+def _train_defaults() -> dict:
+    spec = importlib.util.spec_from_file_location("examples_train", ROOT / "examples" / "train.py")
+    assert spec is not None and spec.loader is not None
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return vars(module.parse_args([]))
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_launch_config_agrees_with_train_defaults(stage: int) -> None:
+    from distaccum.integrations.deepspeed import load_config, reconcile_config
+
+    defaults = _train_defaults()
+    plan = BatchPlan(
+        global_batch_size=defaults["global_batch_size"], micro_batch_size=defaults["micro_batch_size"], world_size=2
+    )
+    config = load_config(CONFIG_DIR / f"zero{stage}.json")
+    assert config["zero_optimization"]["stage"] == stage
+    assert "gradient_clipping" in config  # explicit: DeepSpeed's default would clip at 1.0
+    assert config["zero_allow_untested_optimizer"] is True
+    assert reconcile_config(config, plan) == {**config}  # nothing to fill, nothing to correct
+
+
+def test_accelerate_deepspeed_yaml_matches_json() -> None:
+    pytest.importorskip("accelerate")
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    launch = load_config_from_file(str(ROOT / "launch" / "accelerate" / "deepspeed.yaml"))
+    assert launch.distributed_type == DistributedType.DEEPSPEED
+    json_path = ROOT / launch.deepspeed_config["deepspeed_config_file"]
+    assert json_path.parent == CONFIG_DIR and json_path.is_file()
+    # With a config file the batch and clipping must come from the JSON alone (Accelerate refuses both).
+    assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(launch.deepspeed_config)
+    config = json.loads(json_path.read_text())
+    assert config["train_batch_size"] == (
+        config["gradient_accumulation_steps"] * config["train_micro_batch_size_per_gpu"] * launch.num_processes
+    )
+    assert launch.mixed_precision == "no" and not config["fp16"]["enabled"] and not config["bf16"]["enabled"]
+    # Accelerate's own processing of the JSON (no transformers needed for this part).
+    plugin = DeepSpeedPlugin(hf_ds_config=str(json_path), zero3_init_flag=False)
+    assert plugin.gradient_accumulation_steps == config["gradient_accumulation_steps"]
+    assert plugin.gradient_clipping == 0.0
+    assert plugin.zero_stage == config["zero_optimization"]["stage"]
+
+
+# -------------------------------------------------------------------- examples/train.py through launchers
+LAUNCH_STEPS = 3
+
+
+def _train_reference() -> dict[str, torch.Tensor]:
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import task
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    defaults = _train_defaults()
+    model = task.make_model(defaults["seed"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=defaults["lr"], momentum=0.9)
+    for step in range(LAUNCH_STEPS):
+        inputs, targets = task.global_batch(step, defaults["global_batch_size"], defaults["seed"])
+        optimizer.zero_grad()
+        task.loss_fn(model(inputs), targets).backward()
+        optimizer.step()
+    return _weights(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "launcher"), [(0, "deepspeed"), (1, "torchrun"), (2, "torchrun")], ids=["zero0", "zero1", "zero2"]
+)
+def test_train_example_under_launcher_equals_real_batch(tmp_path: Path, stage: int, launcher: str) -> None:
+    port = str(free_port())
+    bindir = Path(sys.executable).parent
+    if launcher == "torchrun":
+        prefix = [
+            str(bindir / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+        ]
+    else:
+        prefix = [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", port]
+    save = tmp_path / "weights.pt"
+    command = [
+        *prefix,
+        str(ROOT / "examples" / "train.py"),
+        "--deepspeed",
+        str(CONFIG_DIR / f"zero{stage}.json"),
+        "--steps",
+        str(LAUNCH_STEPS),
+        "--save",
+        str(save),
+    ]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    print(f"{launcher} ZeRO {stage}: {time.monotonic() - started:.1f} s")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "backend=deepspeed" in done.stdout
+    error = max_relative_error(torch.load(save), _train_reference())
+    print(f"{launcher} ZeRO {stage}: max rel weight error vs real batch {error:.2e}")
+    assert error <= TOLERANCE

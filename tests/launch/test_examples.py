@@ -1,0 +1,96 @@
+"""The examples, launched as a user launches them, end with the weights of one process on the real global batch."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.common import max_relative_error
+from tests.helpers.examples import (
+    EXAMPLES,
+    SIZES,
+    STEPS,
+    TOLERANCE,
+    assert_matches_reference,
+    reference_weights,
+)
+from tests.helpers.launchers import ROOT, finish, free_port, launch, start, user_env
+
+
+@pytest.fixture(scope="module")
+def one_process_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`python examples/train.py` once for the module: 1 process, accum_steps 4."""
+    path = tmp_path_factory.mktemp("python") / "weights.pt"
+    output = launch([sys.executable, EXAMPLES / "train.py", *SIZES, "--steps", str(STEPS), "--save", path])
+    assert "accum_steps 4 x micro_batch_size 8 x world_size 1" in output
+    assert "launcher=python" in output and "backend=plain" in output
+    return path
+
+
+def test_train_one_process_equals_real_batch(one_process_weights: Path) -> None:
+    assert_matches_reference(one_process_weights, reference_weights(STEPS))
+
+
+def test_train_differs_from_reference_with_other_steps(one_process_weights: Path) -> None:
+    # The comparison can fail: one step more or less is far outside the tolerance.
+    weights = torch.load(one_process_weights, weights_only=True)
+    assert max_relative_error(weights, reference_weights(STEPS - 1)) > 1e3 * TOLERANCE
+
+
+def test_plain_torch_twin_and_distaccum_twin_end_equal(tmp_path: Path) -> None:
+    # The twins run side by side (2 cores): the hand-written loop and the Accumulator give the same weights.
+    runs = {
+        name: start([sys.executable, EXAMPLES / f"{name}.py", *SIZES, "--steps", str(STEPS), "--save", tmp_path / name])
+        for name in ("plain_torch", "with_distaccum")
+    }
+    expected = reference_weights(STEPS)
+    for name, process in runs.items():
+        code, output = finish(process)
+        assert code == 0, output
+        assert_matches_reference(tmp_path / name, expected)
+    plain = torch.load(tmp_path / "plain_torch", weights_only=True)
+    assert max_relative_error(torch.load(tmp_path / "with_distaccum", weights_only=True), plain) <= TOLERANCE
+
+
+def test_twins_differ_only_in_the_accumulation() -> None:
+    # The pair exists for its diff: same task calls, same flags; only the twin with distaccum imports it.
+    plain = (EXAMPLES / "plain_torch.py").read_text()
+    ours = (EXAMPLES / "with_distaccum.py").read_text()
+    flags = re.compile(r'add_argument\("(--[\w-]+)"')
+    assert flags.findall(plain) == flags.findall(ours)
+    assert "distaccum" not in plain.split('"""', 2)[2]
+    assert "acc.micro_step()" in ours and "no_sync()" in plain and "no_sync" not in ours
+
+
+@pytest.mark.slow
+def test_train_under_accelerate_launch_two_cpu_processes(tmp_path: Path, one_process_weights: Path) -> None:
+    # train.py has no Accelerate code: accelerate launch's torchrun environment is enough (2 ranks, accum 2).
+    path = tmp_path / "weights.pt"
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
+    output = launch(
+        [*command, EXAMPLES / "train.py", *SIZES, "--steps", str(STEPS), "--save", path],
+        user_env(ACCELERATE_USE_CPU="1"),
+    )
+    assert "accum_steps 2 x micro_batch_size 8 x world_size 2" in output
+    assert "launcher=accelerate" in output and "backend=ddp" in output
+    assert_matches_reference(path, reference_weights(STEPS))
+    # 2 ranks x accum 2 and 1 rank x accum 4 at the same global batch: the same weights.
+    assert max_relative_error(torch.load(path), torch.load(one_process_weights)) <= TOLERANCE
+
+
+def test_example_docstrings_list_launch_commands_that_exist() -> None:
+    for name, launchers in {
+        "train.py": ("python examples/train.py", "torchrun", "--nnodes 2", "accelerate launch", "deepspeed", "sbatch"),
+        "accelerate_train.py": ("accelerate launch", "ACCELERATE_USE_CPU=1"),
+        "plain_torch.py": ("python examples/plain_torch.py", "torchrun"),
+        "with_distaccum.py": ("python examples/with_distaccum.py", "torchrun"),
+    }.items():
+        doc = (EXAMPLES / name).read_text().split('"""')[1]
+        for launcher in launchers:
+            assert launcher in doc, f"examples/{name} docstring lacks a `{launcher}` command"
+        for referenced in re.findall(r"(?:launch|examples)/[\w./-]+\.(?:py|sh|sbatch|yaml|json)", doc):
+            assert (ROOT / referenced).is_file(), f"examples/{name} docstring names missing file {referenced}"

@@ -1,0 +1,271 @@
+"""Accumulator behaviour on one process: boundary rule, flush, clipping, scheduler, scaler, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distaccum import Accumulator, BatchPlan, StepResult
+from tests.helpers.common import loss_fn, make_data, make_model, make_optimizer, max_relative_error, reference_run
+
+MICRO = 4
+
+
+def accumulator(accum_steps: int = 4, optimizer_name: str = "sgd", **kwargs) -> tuple[nn.Module, Accumulator]:
+    model = make_model()
+    optimizer = make_optimizer(optimizer_name, model.parameters())
+    plan = BatchPlan(micro_batch_size=MICRO, accum_steps=accum_steps, world_size=1)
+    return model, Accumulator(model, optimizer, plan, **kwargs)
+
+
+def run_window(model: nn.Module, acc: Accumulator, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    for x, y in zip(inputs.split(MICRO), targets.split(MICRO), strict=True):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x), y))
+
+
+def test_steps_only_at_the_boundary_and_reports_it():
+    model, acc = accumulator(accum_steps=3)
+    inputs, targets = make_data(1, 3 * MICRO)
+    seen = []
+    for x, y in zip(inputs[0].split(MICRO), targets[0].split(MICRO), strict=True):
+        boundary_before = acc.is_boundary
+        with acc.micro_step():
+            seen.append((boundary_before, acc.is_boundary))
+            acc.backward(loss_fn(model(x), y))
+        seen.append(acc.stepped)
+    assert seen == [(False, False), False, (False, False), False, (True, True), True]
+    assert acc.optimizer_steps == 1 and acc.micro_step_in_window == 0
+    assert isinstance(acc.last_step, StepResult)
+    assert acc.last_step.micro_steps == 3 and not acc.last_step.skipped
+    expected_loss = loss_fn(make_model()(inputs[0]), targets[0]).item()
+    assert acc.last_step.loss == pytest.approx(expected_loss, rel=1e-6)
+
+
+def test_gradients_are_zeroed_after_each_step():
+    model, acc = accumulator(accum_steps=2)
+    inputs, targets = make_data(1, 2 * MICRO)
+    run_window(model, acc, inputs[0], targets[0])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_flushed_short_window_equals_real_batch_of_what_it_saw():
+    # Window 1: 4 micro-batches (16 samples); then the data ends after 2 more (8 samples).
+    model, acc = accumulator(accum_steps=4, optimizer_name="adam")
+    inputs, targets = make_data(1, 24)
+    run_window(model, acc, inputs[0], targets[0])
+    assert acc.optimizer_steps == 1 and acc.micro_step_in_window == 2
+    result = acc.flush()
+    assert result is not None and result.micro_steps == 2 and acc.optimizer_steps == 2
+    assert acc.flush() is None  # nothing pending any more
+
+    reference = make_model()
+    optimizer = make_optimizer("adam", reference.parameters())
+    for batch in (slice(0, 16), slice(16, 24)):
+        optimizer.zero_grad()
+        loss_fn(reference(inputs[0][batch]), targets[0][batch]).backward()
+        optimizer.step()
+    assert max_relative_error(model.state_dict(), reference.state_dict()) <= 1e-6
+
+
+def test_last_micro_step_makes_a_short_window_boundary():
+    model, acc = accumulator(accum_steps=4)
+    inputs, targets = make_data(1, 8)
+    chunks = list(zip(inputs[0].split(MICRO), targets[0].split(MICRO), strict=True))
+    for index, (x, y) in enumerate(chunks):
+        with acc.micro_step(last=index == len(chunks) - 1):
+            acc.backward(loss_fn(model(x), y))
+    assert acc.optimizer_steps == 1 and acc.last_step.micro_steps == 2
+    reference = make_model()
+    optimizer = make_optimizer("sgd", reference.parameters())
+    loss_fn(reference(inputs[0]), targets[0]).backward()
+    optimizer.step()
+    assert max_relative_error(model.state_dict(), reference.state_dict()) <= 1e-6
+
+
+def test_clipping_uses_the_whole_window_norm():
+    steps, accum = 3, 4
+    max_norm = 0.05
+    model, acc = accumulator(accum_steps=accum, max_grad_norm=max_norm)
+    inputs, targets = make_data(steps, accum * MICRO)
+    norms = []
+    for step in range(steps):
+        run_window(model, acc, inputs[step], targets[step])
+        norms.append(acc.last_step.grad_norm)
+    expected_state, expected_norms = reference_run("sgd", steps, accum * MICRO, max_grad_norm=max_norm)
+    assert norms == pytest.approx(expected_norms, rel=1e-5)
+    assert min(expected_norms) > max_norm  # clipping really happened
+    assert max_relative_error(model.state_dict(), expected_state) <= 1e-6
+
+
+def test_scheduler_steps_once_per_optimizer_step():
+    model = make_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    acc = Accumulator(
+        model, optimizer, BatchPlan(micro_batch_size=MICRO, accum_steps=3, world_size=1), scheduler=scheduler
+    )
+    inputs, targets = make_data(2, 3 * MICRO)
+    for step in range(2):
+        run_window(model, acc, inputs[step], targets[step])
+    assert scheduler.last_epoch == 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.25)
+
+
+def test_grad_scaler_unscales_and_updates_once_per_step():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    calls = {"unscale_": 0, "update": 0}
+    for name in calls:
+        original = getattr(scaler, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(scaler, name, spy)
+    model, acc = accumulator(accum_steps=4, grad_scaler=scaler)
+    inputs, targets = make_data(3, 4 * MICRO)
+    for step in range(3):
+        run_window(model, acc, inputs[step], targets[step])
+    assert calls == {"unscale_": 3, "update": 3}
+    assert acc.skipped_steps == 0
+    expected, _ = reference_run("sgd", 3, 4 * MICRO)
+    assert max_relative_error(model.state_dict(), expected) <= 1e-6  # power-of-two scale: exact
+
+
+def test_bf16_autocast_on_cpu_trains_close_to_fp32_reference():
+    model, acc = accumulator(accum_steps=4)
+    inputs, targets = make_data(3, 4 * MICRO)
+    for step in range(3):
+        for x, y in zip(inputs[step].split(MICRO), targets[step].split(MICRO), strict=True):
+            with acc.micro_step(), torch.autocast("cpu", dtype=torch.bfloat16):
+                acc.backward(loss_fn(model(x).float(), y))
+    expected, _ = reference_run("sgd", 3, 4 * MICRO)
+    error = max_relative_error(model.state_dict(), expected)
+    assert 0 < error < 5e-2  # bf16 rounding, but the same training
+
+
+def test_nonfinite_gradient_skips_the_step_and_counts_it():
+    model, acc = accumulator(accum_steps=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = make_data(1, MICRO)
+    for _ in range(2):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x[0]), y[0]) * float("nan"))
+    assert acc.last_step.skipped and acc.skipped_steps == 1 and acc.optimizer_steps == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_nonfinite_gradient_raises_when_asked():
+    model, acc = accumulator(accum_steps=1, on_nonfinite="raise")
+    x, y = make_data(1, MICRO)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient norm nan at optimizer step 1"):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x[0]), y[0]) * float("inf") * 0)
+
+
+def test_state_dict_round_trips_counters_and_rejects_another_plan():
+    model, acc = accumulator(accum_steps=4)
+    inputs, targets = make_data(1, 6 * MICRO)
+    for x, y in list(zip(inputs[0].split(MICRO), targets[0].split(MICRO), strict=True)):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x), y))
+    state = acc.state_dict()
+    assert (state["optimizer_steps"], state["micro_step"]) == (1, 2)
+    _, fresh = accumulator(accum_steps=4)
+    with pytest.warns(UserWarning, match=r"mid-window"):  # the window's gradients were not saved
+        fresh.load_state_dict(state)
+    assert (fresh.optimizer_steps, fresh.micro_step_in_window) == (1, 2)
+    _, other = accumulator(accum_steps=2)
+    with pytest.raises(ValueError, match=r"checkpoint was made with plan \(global_batch_size 16 = accum_steps 4"):
+        other.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_backward_outside_micro_step_is_an_error():
+    model, acc = accumulator()
+    x, y = make_data(1, MICRO)
+    with pytest.raises(RuntimeError, match=r"acc.backward\(\) was called outside `with acc.micro_step\(\):`"):
+        acc.backward(loss_fn(model(x[0]), y[0]))
+
+
+def test_nested_micro_step_is_an_error():
+    _, acc = accumulator()
+    with pytest.raises(RuntimeError, match=r"micro-steps do not nest"):
+        with acc.micro_step():
+            with acc.micro_step():
+                pass
+
+
+def test_micro_step_without_backward_is_an_error():
+    _, acc = accumulator()
+    with pytest.raises(RuntimeError, match=r"ended without acc.backward\(loss\)"):
+        with acc.micro_step():
+            pass
+    assert acc.micro_step_in_window == 0  # nothing was counted
+
+
+def test_backward_twice_in_one_micro_step_is_an_error():
+    model, acc = accumulator()
+    x, y = make_data(1, MICRO)
+    with pytest.raises(RuntimeError, match=r"called twice in one micro-step"):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x[0]), y[0]))
+            acc.backward(loss_fn(model(x[0]), y[0]))
+
+
+def test_non_scalar_loss_is_an_error():
+    model, acc = accumulator()
+    x, _ = make_data(1, MICRO)
+    with pytest.raises(ValueError, match=r"loss must be a scalar tensor, got shape \(4, 4\)"):
+        with acc.micro_step():
+            acc.backward(model(x[0]))
+
+
+def test_mixing_num_items_within_a_window_is_an_error():
+    model, acc = accumulator()
+    x, y = make_data(1, MICRO)
+    with acc.micro_step():
+        acc.backward(loss_fn(model(x[0]), y[0]), num_items=4)
+    with pytest.raises(ValueError, match=r"num_items was not given in this micro-step but was given earlier"):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x[0]), y[0]))
+
+
+@pytest.mark.parametrize("num_items", [-1, 2.5])
+def test_bad_num_items_is_an_error(num_items):
+    model, acc = accumulator()
+    x, y = make_data(1, MICRO)
+    with pytest.raises(ValueError, match=r"num_items must be a non-negative integer"):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x[0]), y[0]), num_items=num_items)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "1"])
+def test_bad_max_grad_norm_is_an_error(value):
+    model = make_model()
+    with pytest.raises(ValueError, match=r"max_grad_norm must be a positive number or None"):
+        Accumulator(
+            model,
+            make_optimizer("sgd", model.parameters()),
+            BatchPlan(global_batch_size=8, micro_batch_size=4, world_size=1),
+            max_grad_norm=value,
+        )
+
+
+def test_plan_for_another_world_size_is_an_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what a launcher says, before the group exists
+    model = make_model()
+    plan = BatchPlan(global_batch_size=16, micro_batch_size=4, world_size=1)
+    with pytest.raises(ValueError, match=r"plan.world_size is 1 but this job runs 2 rank\(s\).*for_world_size\(2\)"):
+        Accumulator(model, make_optimizer("sgd", model.parameters()), plan)
+
+
+def test_unwrapped_model_on_several_ranks_is_an_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = make_model()
+    plan = BatchPlan(global_batch_size=16, micro_batch_size=4)
+    with pytest.raises(ValueError, match=r"model is a plain Sequential but world_size is 2.*DistributedDataParallel"):
+        Accumulator(model, make_optimizer("sgd", model.parameters()), plan)

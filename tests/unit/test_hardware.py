@@ -1,0 +1,52 @@
+"""One body per behaviour, parametrized over hardware: CPU always, CUDA where a GPU exists (skipped elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distaccum import Accumulator, BatchPlan
+from tests.helpers.common import loss_fn, make_data, make_model, make_optimizer, max_relative_error, reference_run
+from tests.helpers.hardware import hardware_params
+
+MICRO, ACCUM, STEPS = 4, 4, 3
+
+
+@pytest.mark.parametrize("device", hardware_params())
+def test_virtual_batch_matches_real_batch_on_device(device):
+    model = make_model().to(device)
+    acc = Accumulator(
+        model,
+        make_optimizer("adam", model.parameters()),
+        BatchPlan(micro_batch_size=MICRO, accum_steps=ACCUM, world_size=1),
+    )
+    inputs, targets = make_data(STEPS, MICRO * ACCUM)
+    for step in range(STEPS):
+        for x, y in zip(inputs[step].split(MICRO), targets[step].split(MICRO), strict=True):
+            with acc.micro_step():
+                acc.backward(loss_fn(model(x.to(device)), y.to(device)))
+    expected, _ = reference_run("adam", STEPS, MICRO * ACCUM)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    assert max_relative_error(state, expected) <= (1e-6 if device == "cpu" else 1e-5)
+
+
+@pytest.mark.parametrize("device", hardware_params())
+def test_fp16_autocast_with_grad_scaler_on_device(device):
+    model = make_model().to(device)
+    scaler = torch.amp.GradScaler(device)
+    acc = Accumulator(
+        model,
+        make_optimizer("sgd", model.parameters()),
+        BatchPlan(micro_batch_size=MICRO, accum_steps=ACCUM, world_size=1),
+        grad_scaler=scaler,
+    )
+    inputs, targets = make_data(STEPS, MICRO * ACCUM)
+    for step in range(STEPS):
+        for x, y in zip(inputs[step].split(MICRO), targets[step].split(MICRO), strict=True):
+            with acc.micro_step(), torch.autocast(device, dtype=torch.float16):
+                acc.backward(loss_fn(model(x.to(device)).float(), y.to(device)))
+    expected, _ = reference_run("sgd", STEPS, MICRO * ACCUM)
+    assert acc.optimizer_steps == STEPS
+    assert acc.skipped_steps == 0
+    state = {k: v.float().cpu() for k, v in model.state_dict().items()}
+    assert max_relative_error(state, expected) < 5e-2  # fp16 rounding, same training

@@ -1,0 +1,120 @@
+"""The package's shape: imports point one way (tools -> accumulator/checkpoint -> backends/weighting/collectives ->
+plan/dist), no circle, no module past the size at which it holds two concepts, tools never loaded by the core."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import distaccum
+
+PACKAGE = Path(distaccum.__file__).parent
+MAX_LINES = 350
+# Lower layers never import higher ones; the same layer may import itself as long as there is no circle.
+LAYERS = (
+    ("distaccum.dist",),
+    ("distaccum.plan",),
+    ("distaccum.collectives", "distaccum.weighting", "distaccum.backends", "distaccum.integrations"),
+    ("distaccum.uneven", "distaccum.accumulator", "distaccum"),
+    ("distaccum.checkpoint",),
+    ("distaccum.tools", "distaccum.survey", "distaccum.__main__"),
+)
+
+
+def module_name(path: Path) -> str:
+    parts = ["distaccum", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> int:
+    matches = [
+        (len(prefix), index)
+        for index, prefixes in enumerate(LAYERS)
+        for prefix in prefixes
+        if module == prefix or (prefix != "distaccum" and module.startswith(prefix + "."))
+    ]
+    assert matches, f"{module} has no layer in tests/unit/test_layout.py: add it where it belongs"
+    return max(matches)[1]
+
+
+def runtime_imports(path: Path, modules: set[str]) -> set[str]:
+    """distaccum modules that ``path`` imports at run time (``if TYPE_CHECKING:`` blocks excluded)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:  # `from distaccum import dist` imports the submodule, not the package root
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in modules else node.module)
+    return {name for name in found if name in modules}
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(path) for path in paths}
+    return {module_name(path): runtime_imports(path, modules) - {module_name(path)} for path in paths}
+
+
+def test_imports_point_down_the_layers():
+    upward = [
+        f"{importer} -> {imported}"
+        for importer, imported_set in import_graph().items()
+        for imported in imported_set
+        if layer(imported) > layer(importer)
+    ]
+    assert not upward, f"imports against the layering: {upward}"
+
+
+def test_no_import_circle():
+    graph = import_graph()
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for imported in sorted(graph[module]):
+            if state.get(imported) == "open":
+                raise AssertionError("import circle: " + " -> ".join([*trail, module, imported]))
+            if imported not in state:
+                visit(imported, [*trail, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+
+
+def test_layout_check_sees_a_planted_circle(tmp_path: Path):
+    # The walk above must be able to fail: a lazy import inside a function is still an edge.
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from distaccum.accumulator import Accumulator\n")
+    assert runtime_imports(source, {"distaccum.accumulator"}) == {"distaccum.accumulator"}
+    guarded = tmp_path / "g.py"
+    guarded.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import distaccum.accumulator\n")
+    assert runtime_imports(guarded, {"distaccum.accumulator"}) == set()
+
+
+def test_no_module_holds_two_concepts():
+    long = {
+        str(path.relative_to(PACKAGE)): lines
+        for path in PACKAGE.rglob("*.py")
+        if (lines := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines (split them by concept): {long}"
+
+
+def test_import_distaccum_loads_no_tool_backend_or_optional_library():
+    code = (
+        "import sys, distaccum;"
+        "loaded = [m for m in sys.modules if m.startswith(('distaccum.tools', 'distaccum.backends.deepspeed', "
+        "'distaccum.integrations.', 'accelerate', 'deepspeed', 'matplotlib', 'sklearn', 'transformers'))];"
+        "print(loaded); sys.exit(1 if loaded else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
