@@ -54,7 +54,8 @@ class Accumulator:
         max_grad_norm: clip the window's global gradient norm to this (None: no clipping).
         grad_scaler: a ``torch.amp.GradScaler`` for fp16; unscaled and updated once per step.
         on_nonfinite: ``"skip"`` the step on all ranks when the gradient is NaN/inf (counted in
-            :attr:`skipped_steps`), or ``"raise"`` ``FloatingPointError``.
+            :attr:`skipped_steps`), or ``"raise"`` ``FloatingPointError``. With an enabled ``grad_scaler`` a
+            non-finite gradient is an fp16 overflow: skipped, and the scale backs off, on every rank.
         check_ranks: at the first micro-step, check that all ranks agree on the plan and their position.
 
     Raises:
@@ -291,8 +292,7 @@ class Accumulator:
         self._agreed = True
         collectives.check_plan_agreement(self.plan, self._window.position, self.optimizer_steps)
 
-    def _discard_window(self) -> None:
-        # Unsynced local gradients of a window that will never step; no collective needed to drop them.
+    def _discard_window(self) -> None:  # local, unsynced gradients of a window that will never step
         self.optimizer.zero_grad(set_to_none=True)
         self._window.reset()
 

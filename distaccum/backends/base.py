@@ -170,28 +170,39 @@ class Backend:
         Raises:
             FloatingPointError: the gradient is not finite and ``options.on_nonfinite`` is ``"raise"``.
         """
-        scaler = options.grad_scaler
+        # A disabled scaler (GradScaler(enabled=args.fp16)) scales nothing and detects nothing: not a guard.
+        scaler = options.grad_scaler if options.grad_scaler is not None and options.grad_scaler.is_enabled() else None
         if skip:
             optimizer.zero_grad(set_to_none=True)
             return None, True
         if scaler is not None:
             scaler.unscale_(optimizer)
+        # The norm is global (every backend reduces it over shards), so this decision is the same on every rank,
+        # where a GradScaler's own inf check sees only this rank's shard (FSDP) and would let ranks diverge.
         norm = float(self.grad_norm(params, options.max_grad_norm))
-        if scaler is not None:
-            scale_before = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            skipped = scaler.get_scale() < scale_before
-        elif not math.isfinite(norm):
+        if not math.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
-            if options.on_nonfinite == "raise":
+            if scaler is not None:  # an fp16 overflow: back off, on every rank alike, and carry on
+                _record_overflow(scaler, optimizer)
+                scaler.update()
+            elif options.on_nonfinite == "raise":
                 raise FloatingPointError(
                     f"non-finite gradient norm {norm} at optimizer step {number}; the step was not taken. Use "
                     "on_nonfinite='skip' to skip such steps on all ranks instead."
                 )
-            skipped = True
+            return norm, True
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
         else:
             optimizer.step()
-            skipped = False
         optimizer.zero_grad(set_to_none=True)
-        return norm, skipped
+        return norm, False
+
+
+def _record_overflow(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    # GradScaler.update() backs off when unscale_ found an inf on this rank; make it see one on every rank.
+    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    assert found, "unscale_ records one found_inf tensor per device"
+    for flag in found.values():
+        flag.fill_(1.0)

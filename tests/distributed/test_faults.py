@@ -203,6 +203,18 @@ def test_nan_on_one_rank_skips_the_step_on_both_or_raises_on_both():
     assert max_relative_error(finals[0], reference.state_dict()) <= EXACT
 
 
+def test_overflow_in_one_fsdp1_shard_skips_the_step_on_every_rank_with_a_grad_scaler():
+    # torch.amp.GradScaler checks only this rank's shard: the skip must come from the global norm, or rank 0
+    # steps while rank 1 skips and the scales drift apart.
+    results = run_ranks(workers.overflow_on_one_fsdp1_shard, timeout_s=90)
+    for result in results:
+        assert result["skipped"] == [False, True, False], result["skipped"]
+    assert results[0]["scale"] == results[1]["scale"] and results[0]["scale"][1] == 2.0**9
+    for result in results:  # the overflowed step changed no rank's shard, and the weights stay finite
+        before, after = result["local_weights"][0], result["local_weights"][1]
+        assert all(torch.equal(x, y) and torch.isfinite(y).all() for x, y in zip(before, after, strict=True))
+
+
 # -------------------------------------------------------------------------------------------------- uneven data
 def test_uneven_data_across_ranks_ends_with_a_short_window_instead_of_a_hang():
     counts = (7, 5)  # micro-batches per rank; accum_steps 2

@@ -244,6 +244,45 @@ def nan_on_one_rank(rank: int, world_size: int) -> dict:
     return results
 
 
+class TwoBranches(nn.Module):
+    """``a(x) + b(x)``: one FSDP1 flat parameter whose first half (``a``) is rank 0's shard and second half
+    (``b``) rank 1's, so a loss term on ``b`` alone overflows one rank's shard only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 4)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        branch = self.b(x)
+        return self.a(x) + branch, branch
+
+
+def overflow_on_one_fsdp1_shard(rank: int, world_size: int) -> dict:
+    """FSDP1 + torch.amp.GradScaler; window 2's gradient is inf in rank 1's shard only."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(TwoBranches(), device_id=torch.device("cpu"), use_orig_params=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    plan = BatchPlan(micro_batch_size=MICRO, accum_steps=2)
+    acc = Accumulator(model, make_optimizer("sgd", model.parameters()), plan, grad_scaler=scaler)
+    inputs, targets = make_data(2 * STEPS, MICRO)
+    report: dict[str, Any] = {"skipped": [], "scale": [], "local_weights": []}
+    for index in range(2 * STEPS):
+        with acc.micro_step():
+            out, branch = model(inputs[index])
+            loss = loss_fn(out, targets[index])
+            if rank == 1 and index == 2:
+                loss = loss + float("inf") * branch.sum()  # reaches b's gradient only
+            acc.backward(loss)
+        if acc.stepped:
+            report["skipped"].append(acc.last_step.skipped)
+            report["scale"].append(scaler.get_scale())
+            report["local_weights"].append([p.detach().clone() for p in model.parameters()])
+    return report
+
+
 # ------------------------------------------------------------------------------------------------ uneven data
 def uneven_data(rank: int, world_size: int, counts: tuple[int, int]) -> dict:
     """Rank r has ``counts[r]`` micro-batches, fed through a generator (no len) and ``acc.iterate``; both modes."""

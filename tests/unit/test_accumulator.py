@@ -166,6 +166,45 @@ def test_nonfinite_gradient_raises_when_asked():
             acc.backward(loss_fn(model(x[0]), y[0]) * float("inf") * 0)
 
 
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_disabled_grad_scaler_keeps_the_nonfinite_check(on_nonfinite):
+    # GradScaler("cpu", enabled=args.fp16) is a common pattern: disabled, it must not switch off the NaN guard.
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model, acc = accumulator(accum_steps=2, grad_scaler=scaler, on_nonfinite=on_nonfinite)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = make_data(1, 2 * MICRO)
+    with acc.micro_step():
+        acc.backward(loss_fn(model(x[0, :MICRO]), y[0, :MICRO]))
+    nan_batch = (x[0, MICRO:], y[0, MICRO:])
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match=r"non-finite gradient norm nan at optimizer step 1"):
+            with acc.micro_step():
+                acc.backward(loss_fn(model(nan_batch[0]), nan_batch[1]) * float("nan"))
+    else:
+        with acc.micro_step():
+            acc.backward(loss_fn(model(nan_batch[0]), nan_batch[1]) * float("nan"))
+        assert acc.last_step.skipped and acc.skipped_steps == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "NaN reached the weights"
+
+
+def test_grad_scaler_overflow_skips_the_step_backs_off_and_leaves_the_scheduler():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model = make_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    acc = Accumulator(
+        model, optimizer, BatchPlan(accum_steps=2, micro_batch_size=MICRO), scheduler=scheduler, grad_scaler=scaler
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = make_data(1, MICRO)
+    for factor in (1.0, float("inf")):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x[0]), y[0]) * factor)
+    assert acc.last_step.skipped and acc.skipped_steps == 1
+    assert scaler.get_scale() == 2.0**9 and scheduler.last_epoch == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_state_dict_round_trips_counters_and_rejects_another_plan():
     model, acc = accumulator(accum_steps=4)
     inputs, targets = make_data(1, 6 * MICRO)
