@@ -1,45 +1,25 @@
 """The call path: ``micro_step`` -> ``backward`` -> at the boundary: one scalar all-reduce -> factor -> scale ->
-step -> scheduler -> :class:`StepResult`.
-
-The arithmetic of the window lives in :mod:`distaccum.weighting`, the scalar collectives in
-:mod:`distaccum.collectives`, and everything that depends on the model wrapper in :mod:`distaccum.backends`.
-Uneven data across ranks is handled by :mod:`distaccum.uneven` (:meth:`Accumulator.iterate`).
+step -> scheduler -> :class:`StepResult`. The window's arithmetic: :mod:`distaccum.weighting`; scalar collectives:
+:mod:`distaccum.collectives`; the model wrapper: :mod:`distaccum.backends`; uneven data: :mod:`distaccum.uneven`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
 from distaccum import backends, collectives, integrations, uneven
+from distaccum.backends import StepOptions
 from distaccum.plan import BatchPlan
-from distaccum.weighting import WindowLedger, item_count
+from distaccum.weighting import StepResult, WindowLedger, item_count
+
+__all__ = ["Accumulator", "StepResult"]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What the last window's optimizer step did, identical on every rank."""
-
-    step: int
-    """Optimizer steps attempted so far, this one included (skipped ones too)."""
-    loss: float
-    """The window loss over all ranks: the global item-weighted mean with ``num_items``, else the mean of
-    micro-batch losses. NaN when ``num_items`` was 0 in every micro-step of every rank (the step is skipped)."""
-    micro_steps: int
-    """Micro-steps in the window summed over ranks (``accum_steps x world_size`` unless it was short)."""
-    num_items: int | None
-    """Global item count of the window when ``num_items`` was given."""
-    grad_norm: float | None
-    """Global gradient 2-norm before clipping (None when the backend steps by itself and does not say)."""
-    skipped: bool
-    """True when the optimizer did not step (non-finite gradient, GradScaler overflow, zero items)."""
 
 
 class Accumulator:
@@ -87,12 +67,9 @@ class Accumulator:
         if not isinstance(plan, BatchPlan):
             raise TypeError(f"plan must be a distaccum.BatchPlan, got {type(plan).__name__}")
         plan.check_world_size()
-        # A library's wrapped optimizer/scheduler (accelerator.prepare) is driven through what it wraps, so that
-        # accumulation, loss scaling and scheduling happen once (distaccum.integrations).
+        # accelerator.prepare's wrappers are driven through what they wrap: accumulate, scale, schedule once.
         optimizer, scheduler, grad_scaler = integrations.adapt(optimizer, scheduler, grad_scaler)
-        self._options = backends.StepOptions(
-            max_grad_norm=max_grad_norm, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite
-        )
+        self._options = StepOptions(max_grad_norm=max_grad_norm, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite)
         self.model = model
         self.optimizer = optimizer
         self.plan = plan
@@ -119,6 +96,7 @@ class Accumulator:
         self._agreed = False
         self._end_of_data = False  # set by iterate(): the next micro-step is the last one of the data
         self._micro_steps_run = 0
+        self._broken: str | None = None
 
     @property
     def micro_step_in_window(self) -> int:
@@ -143,13 +121,11 @@ class Accumulator:
         :meth:`state_dict` can save them mid-window; False for FSDP and DeepSpeed."""
         return self._backend.grads_in_params
 
-    # -------------------------------------------------------------------------------------------- micro-step
     @contextlib.contextmanager
     def micro_step(self, *, last: bool = False) -> Iterator[Accumulator]:
         """Run one forward and backward inside; gradient sync is skipped unless this micro-step ends the window.
 
-        Leaving the boundary micro-step runs, once: scaler unscale, clip, optimizer step, scaler update,
-        scheduler step, zero_grad.
+        Leaving the boundary micro-step runs, once: scaler unscale, clip, step, scaler update, scheduler, zero_grad.
 
         Args:
             last: the data ends here; make this micro-step the boundary of a (possibly short) window. All ranks
@@ -160,9 +136,11 @@ class Accumulator:
         """
         if self._in_micro_step:
             raise RuntimeError(
-                "acc.micro_step() is already active: micro-steps do not nest. Close the first `with` block "
-                "before opening the next (one micro-batch per micro_step)."
+                "acc.micro_step() is already active: micro-steps do not nest. Close the first `with` block before "
+                "opening the next (one micro-batch per micro_step)."
             )
+        if self._broken:
+            raise RuntimeError(self._broken)
         if self.check_ranks and not self._agreed:
             self._check_agreement()
         boundary = last or self._end_of_data or self._window.position + 1 >= self.plan.accum_steps
@@ -181,11 +159,31 @@ class Accumulator:
                     "backward so that all ranks take part in the gradient reduction. Call acc.backward(loss) "
                     "inside the `with` block."
                 )
+        except BaseException:
+            self._abandon_micro_step(boundary)
+            raise
         finally:
             self._in_micro_step = False
         self._window.position += 1
         if boundary:
             self._finish_window()
+
+    def _abandon_micro_step(self, boundary: bool) -> None:  # the block raised; semantics: discard_window()
+        self._window.position += 1
+        self._window.discarded = True
+        if not boundary:
+            return
+        if self._backward_done:  # this rank joined the boundary reduction: close the window with the others
+            self._finish_window()
+        elif self._backend.grads_in_params:  # no reduction joined: close locally, re-check the ranks next time
+            self._finish_window(local=True)
+            self._agreed = False
+        else:
+            self._broken = (
+                f"a {self.backend} boundary micro-step raised before acc.backward(): its unsynced gradients are in "
+                "buffers only a backward can reduce or clear, so no later step would be exact. Resume from the last "
+                "checkpoint (distaccum.checkpoint.load) in a fresh process."
+            )
 
     def backward(self, loss: torch.Tensor, *, num_items: int | torch.Tensor | None = None) -> None:
         """Backward of ``loss`` scaled once for the window (and by the GradScaler, if any).
@@ -227,29 +225,45 @@ class Accumulator:
         self._backend.backward(scaled)
         self._backward_done = True
 
-    # -------------------------------------------------------------------------------------------- boundary
-    def _finish_window(self) -> None:
-        totals = collectives.sum_checking_step(self._window.local_stats(), self.optimizer_steps)
-        window = self._window.close(totals, self._backend.averaging_ranks)
-        if window.factor != 1.0 and not window.skip:
-            self._backend.scale_grads(self._params, window.factor)
-        grad_norm, skipped = self._backend.step(
-            self.optimizer, self._params, self._options, skip=window.skip, number=self.optimizer_steps + 1
-        )
-        if not skipped and self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer_steps += 1
-        self.skipped_steps += int(skipped)
-        self.stepped = True
-        self.last_step = StepResult(
-            step=self.optimizer_steps,
-            loss=window.loss,
-            micro_steps=window.micro_steps,
-            num_items=window.num_items,
-            grad_norm=grad_norm,
-            skipped=skipped,
-        )
-        self._window.reset()
+    def _finish_window(self, *, local: bool = False) -> None:
+        try:
+            if local:  # a boundary that joined no reduction (see _abandon_micro_step): skipped, without collectives
+                window = self._window.close_locally()
+            else:
+                totals = collectives.sum_checking_step(self._window.local_stats(), self.optimizer_steps)
+                window = self._window.close(totals, self._backend.averaging_ranks)
+            if window.factor != 1.0 and not window.skip:
+                self._backend.scale_grads(self._params, window.factor)
+            grad_norm, skipped = self._backend.step(
+                self.optimizer, self._params, self._options, skip=window.skip, number=self.optimizer_steps + 1
+            )
+            if not skipped and self.scheduler is not None:
+                self.scheduler.step()
+            self.optimizer_steps += 1
+            self.skipped_steps += int(skipped)
+            self.stepped = True
+            self.last_step = StepResult(
+                step=self.optimizer_steps,
+                loss=window.loss,
+                micro_steps=window.micro_steps,
+                num_items=window.num_items,
+                grad_norm=grad_norm,
+                skipped=skipped,
+            )
+        except BaseException:
+            # The boundary work failed (a refusal, on_nonfinite="raise"): its gradients must not reach a later step.
+            self._backend.discard_grads(self.optimizer)
+            raise
+        finally:
+            self._window.reset()
+
+    def discard_window(self) -> None:
+        """Discard the open window (no-op between windows): it runs on to its boundary, where every rank joins
+        the reduction as usual, and its step is skipped on every rank, so one rank may call it alone. A micro-step
+        whose ``with`` block raises does the same; the rules are in :mod:`distaccum.weighting` (discarded windows).
+        """
+        if self._in_micro_step or self._window.position:
+            self._window.discarded = True
 
     def flush(self) -> StepResult | None:
         """Step a short last window at the end of data, normalized by what it really had.
@@ -266,15 +280,9 @@ class Accumulator:
         return self.last_step
 
     def iterate(self, micro_batches: Iterable[T], *, drop_last: bool = False) -> Iterator[T]:
-        """Yield this rank's micro-batches so that ranks whose data ends at different points never hang.
-
-        Run each yielded micro-batch inside ``with acc.micro_step():``. The window in which the first rank runs
-        out is cut to the micro-batches every rank has, and steps as their exact mean (or is not stepped,
-        ``drop_last=True``); the surplus is counted in :attr:`dropped_micro_batches`. One scalar all-reduce per
-        window; see :mod:`distaccum.uneven`.
-
-        Raises:
-            RuntimeError: a yielded micro-batch was not run in exactly one ``acc.micro_step()``.
+        """Yield this rank's micro-batches, each to run in one ``acc.micro_step()``, so that ranks whose data ends
+        at different points never hang: the window where the first rank runs out is cut to what every rank has
+        and steps as their exact mean (or not at all, ``drop_last=True``); details in :mod:`distaccum.uneven`.
 
         Example:
             >>> model = nn.Linear(4, 1)
@@ -296,7 +304,6 @@ class Accumulator:
         self.optimizer.zero_grad(set_to_none=True)
         self._window.reset()
 
-    # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self, *, include_grads: bool = False) -> dict[str, Any]:
         """Counters and window position (plain Python values), for exact resume; mid-window also the gradients.
 
@@ -307,19 +314,16 @@ class Accumulator:
                 window boundary there are none (they were zeroed by the step) and nothing is added.
 
         Raises:
-            ValueError: ``include_grads`` mid-window with a backend that accumulates in private buffers (FSDP,
-                DeepSpeed): checkpoint those at a window boundary.
+            ValueError: ``include_grads`` mid-window on FSDP or DeepSpeed (private buffers): save at a boundary.
         """
-        position = self._window.position
         state: dict[str, Any] = {
             "plan": self.plan.as_dict(),
             "optimizer_steps": self.optimizer_steps,
             "skipped_steps": self.skipped_steps,
             **self._window.state_dict(),
         }
-        if include_grads and position:
-            where = f"micro-step {position} of {self.plan.accum_steps}"
-            state["grads"] = self._backend.window_grads(self._params, where)
+        if include_grads and self._window.position:
+            state["grads"] = self._backend.window_grads(self._params, where=self._window.where)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -332,9 +336,7 @@ class Accumulator:
             ValueError: the saved plan has another global or micro batch; or another world size while the
                 checkpoint is mid-window; or saved gradients that do not fit this model.
         """
-        saved = BatchPlan.from_dict(state["plan"])
-        position = int(state["micro_step"])
-        self.plan.check_resume_from(saved, position)
+        self.plan.check_resume_from(BatchPlan.from_dict(state["plan"]), int(state["micro_step"]))
         grads = state.get("grads")
         if grads is not None:
             self._backend.restore_window_grads(self._params, grads)
@@ -344,7 +346,4 @@ class Accumulator:
         self._agreed = False
 
     def __repr__(self) -> str:
-        return (
-            f"Accumulator({self.plan}, backend={self.backend}, step={self.optimizer_steps}, "
-            f"micro_step_in_window={self._window.position})"
-        )
+        return f"Accumulator({self.plan}, {self.backend}, step {self.optimizer_steps}, at {self._window.position})"

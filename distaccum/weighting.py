@@ -22,7 +22,22 @@ boundary, after the backend reduced it (the fairseq / Megatron "scale once at th
   sees a loss multiplied by a token count.
 
 The same boundary all-reduce carries the window's loss (so the step result reports the true window loss over
-all ranks) and the micro-step count.
+all ranks), the micro-step count, and whether any rank discarded the window.
+
+Discarded windows (``acc.discard_window()``, or a ``with acc.micro_step():`` block that raised). A window whose
+gradients may hold a partial micro-batch never steps, and every rank agrees on that through the boundary
+all-reduce, so ranks keep the same window position and the same collectives:
+
+* the micro-step that raised still counts as one; the window runs on to its boundary, where the reduction
+  happens as usual, and the step is skipped on every rank (``skipped_steps``, ``last_step.skipped``, loss NaN);
+* if the boundary micro-step itself raised after ``acc.backward()``, this rank already joined the reduction: the
+  window closes right there, skipped;
+* if it raised before ``acc.backward()``, this rank joined no reduction (other ranks that did will wait for it
+  until the process group's timeout): a plain or DDP model drops the window locally and the ranks' positions are
+  checked again at the next micro-step; FSDP and DeepSpeed keep unsynced gradients where only a backward can
+  reach them, so further micro-steps are refused with the way out (resume from a checkpoint);
+* a failure in the boundary's own work (``on_nonfinite="raise"``, a refusal) drops the window's reduced
+  gradients and resets the window, so training can go on from the next window.
 """
 
 from __future__ import annotations
@@ -35,6 +50,27 @@ from typing import Any, Literal
 import torch
 
 Mode = Literal["items", "mean"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the last window's optimizer step did, identical on every rank."""
+
+    step: int
+    """Optimizer steps attempted so far, this one included (skipped ones too)."""
+    loss: float
+    """The window loss over all ranks: the global item-weighted mean with ``num_items``, else the mean of
+    micro-batch losses. NaN when ``num_items`` was 0 in every micro-step of every rank, or when the window was
+    discarded (both skip the step)."""
+    micro_steps: int
+    """Micro-steps in the window summed over ranks (``accum_steps x world_size`` unless it was short)."""
+    num_items: int | None
+    """Global item count of the window when ``num_items`` was given."""
+    grad_norm: float | None
+    """Global gradient 2-norm before clipping (None when the backend steps by itself and does not say)."""
+    skipped: bool
+    """True when the optimizer did not step (non-finite gradient, GradScaler overflow, zero items, a discarded
+    window)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +121,13 @@ class WindowLedger:
         self.items = 0
         self.loss_sum: torch.Tensor | None = None
         self.mode: Mode | None = None
+        self.discarded = False
+        """A micro-step of this window raised (or discard_window() was called): it must not step."""
+
+    @property
+    def where(self) -> str:
+        """The open window's position, for messages: ``micro-step 2 of 4``."""
+        return f"micro-step {self.position} of {self.accum_steps}"
 
     def needs_item_agreement(self, count: int | None) -> bool:
         """Whether this micro-step's backward must first agree with the other ranks on items: at the first
@@ -132,13 +175,15 @@ class WindowLedger:
         return loss, scale
 
     def local_stats(self) -> list[float]:
-        """This rank's window, to be summed over ranks: items, loss sum, micro-steps, item ranks, mean ranks."""
+        """This rank's window, to be summed over ranks: items, loss sum, micro-steps, item ranks, mean ranks,
+        discarding ranks."""
         return [
             float(self.items),
             0.0 if self.loss_sum is None else float(self.loss_sum),
             float(self.position),
             float(self.mode == "items"),
             float(self.mode == "mean"),
+            float(self.discarded),
         ]
 
     def close(self, totals: list[float], averaged_over: int) -> WindowClose:
@@ -151,13 +196,15 @@ class WindowLedger:
         Raises:
             RuntimeError: some ranks gave ``num_items`` in this window and others did not.
         """
-        items, loss_sum, micro, item_ranks, mean_ranks = totals[:5]
+        items, loss_sum, micro, item_ranks, mean_ranks, discarding_ranks = totals
         if item_ranks and mean_ranks:
             raise RuntimeError(
                 f"{int(item_ranks)} rank(s) gave num_items in this window and {int(mean_ranks)} did not; all "
                 "ranks must use acc.backward(loss, num_items=...) alike."
             )
         micro_steps = int(micro)
+        if discarding_ranks:  # some rank's micro-step raised: no rank steps on this window
+            return WindowClose(0.0, math.nan, micro_steps, int(items) if item_ranks else None, skip=True)
         if not item_ranks:
             factor = self.accum_steps * averaged_over / micro_steps
             return WindowClose(factor, loss_sum / micro_steps, micro_steps, None, skip=False)
@@ -171,6 +218,10 @@ class WindowLedger:
         self.item_scale = items / micro_steps
         return WindowClose(factor, loss_sum / items, micro_steps, int(items), skip=False)
 
+    def close_locally(self) -> WindowClose:
+        """Close a discarded window that this rank alone ends, without the other ranks: skipped."""
+        return WindowClose(0.0, math.nan, self.position, None, skip=True)
+
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values (checkpoint format version 1 keys)."""
         return {
@@ -179,6 +230,7 @@ class WindowLedger:
             "window_items": self.items,
             "window_loss": None if self.loss_sum is None else float(self.loss_sum),
             "window_mode": self.mode,
+            "window_discarded": self.discarded,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, with_grads: bool) -> None:
@@ -197,3 +249,4 @@ class WindowLedger:
         loss = state["window_loss"]
         self.loss_sum = None if loss is None else torch.tensor(loss, dtype=torch.float64)
         self.mode = state["window_mode"]
+        self.discarded = bool(state.get("window_discarded", False))  # absent in format-1 checkpoints

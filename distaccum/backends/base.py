@@ -116,6 +116,10 @@ class Backend:
     def reduce_pending(self, params: Params) -> None:
         """Average gradients that were accumulated under :meth:`no_sync` (end of data mid-window)."""
 
+    def discard_grads(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the reduced gradients of a window that will not step."""
+        optimizer.zero_grad(set_to_none=True)
+
     def window_grads(self, params: Params, where: str) -> list[torch.Tensor | None]:
         """Copies of the gradients accumulated so far in an open window (this rank's own, unreduced).
 

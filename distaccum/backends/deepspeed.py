@@ -242,6 +242,9 @@ class DeepSpeedBackend(Backend):
         reported = engine.get_global_grad_norm()
         return (None if reported is None else float(reported)), not engine.was_step_applied()
 
+    def discard_grads(self, optimizer: torch.optim.Optimizer) -> None:
+        self._drop_gradients()
+
     def _drop_gradients(self) -> None:
         optimizer = self.engine.optimizer
         if self.stage == 0:

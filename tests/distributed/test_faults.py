@@ -215,6 +215,25 @@ def test_overflow_in_one_fsdp1_shard_skips_the_step_on_every_rank_with_a_grad_sc
         assert all(torch.equal(x, y) and torch.isfinite(y).all() for x, y in zip(before, after, strict=True))
 
 
+@pytest.mark.parametrize("fail_index", [0, 1], ids=["inside-window", "at-boundary"])
+def test_an_exception_on_one_rank_discards_the_window_on_every_rank(fail_index):
+    results = run_ranks(workers.exception_on_one_rank, fail_index, timeout_s=90)
+    for result in results:
+        assert result["skipped"] == [False, True, False], result["skipped"]
+    assert all(torch.equal(results[0]["weights"][k], results[1]["weights"][k]) for k in results[0]["weights"])
+    reference = make_model()  # the real batch of windows 1 and 3 only, on one process
+    optimizer = make_optimizer("sgd", reference.parameters())
+    inputs, targets = make_data(2 * workers.STEPS, workers.MICRO)
+    for window in (0, 2):
+        optimizer.zero_grad()
+        loss_fn(
+            reference(inputs[2 * window : 2 * window + 2].reshape(-1, inputs.shape[-1])),
+            targets[2 * window : 2 * window + 2].reshape(-1, targets.shape[-1]),
+        ).backward()
+        optimizer.step()
+    assert max_relative_error(results[0]["weights"], reference.state_dict()) <= EXACT
+
+
 # -------------------------------------------------------------------------------------------------- uneven data
 def test_uneven_data_across_ranks_ends_with_a_short_window_instead_of_a_hang():
     counts = (7, 5)  # micro-batches per rank; accum_steps 2

@@ -283,6 +283,27 @@ def overflow_on_one_fsdp1_shard(rank: int, world_size: int) -> dict:
     return report
 
 
+def exception_on_one_rank(rank: int, world_size: int, fail_index: int) -> dict:
+    """Rank 1's block raises after its backward at micro-step ``fail_index`` of window 2; the loop catches it."""
+    model = nn.parallel.DistributedDataParallel(make_model())
+    acc = Accumulator(
+        model, make_optimizer("sgd", model.parameters()), BatchPlan(micro_batch_size=MICRO, accum_steps=2)
+    )
+    inputs, targets = make_data(2 * STEPS, MICRO)
+    skipped = []
+    for index in range(2 * STEPS):
+        try:
+            with acc.micro_step():
+                acc.backward(loss_fn(model(inputs[index]), targets[index]))
+                if rank == 1 and index == 2 + fail_index:
+                    raise KeyError("a user error after the backward")
+        except KeyError:
+            pass
+        if acc.stepped:
+            skipped.append(acc.last_step.skipped)
+    return {"skipped": skipped, "weights": _clone(model.module.state_dict())}
+
+
 # ------------------------------------------------------------------------------------------------ uneven data
 def uneven_data(rank: int, world_size: int, counts: tuple[int, int]) -> dict:
     """Rank r has ``counts[r]`` micro-batches, fed through a generator (no len) and ``acc.iterate``; both modes."""

@@ -238,12 +238,17 @@ def test_nested_micro_step_is_an_error():
                 pass
 
 
-def test_micro_step_without_backward_is_an_error():
-    _, acc = accumulator()
+def test_micro_step_without_backward_is_an_error_that_discards_its_window():
+    model, acc = accumulator(accum_steps=2)
     with pytest.raises(RuntimeError, match=r"ended without acc.backward\(loss\)"):
         with acc.micro_step():
             pass
-    assert acc.micro_step_in_window == 0  # nothing was counted
+    # It still counts (every rank keeps the same position) and its window will not step.
+    assert acc.micro_step_in_window == 1
+    x, y = make_data(1, MICRO)
+    with acc.micro_step():
+        acc.backward(loss_fn(model(x[0]), y[0]))
+    assert acc.last_step.skipped and acc.skipped_steps == 1
 
 
 def test_backward_twice_in_one_micro_step_is_an_error():
