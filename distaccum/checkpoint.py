@@ -3,12 +3,14 @@
 Layout of a checkpoint ``directory``::
 
     latest                      the name of the newest complete checkpoint, replaced atomically
-    step-00000012/              a checkpoint at a window boundary: state.pt and meta.json
+    step-00000012/              a checkpoint at a window boundary: state.pt, meta.json (plan, serial, sha256s)
     step-00000012-micro-0002/   one taken mid-window (``include_grads=True``): also grads-rank00000.pt ...
     step-00000012/sharded/      FSDP models: model and optimizer in torch.distributed.checkpoint format
 
-A checkpoint is written under a temporary name, renamed when complete, and only then named in ``latest``
-(``os.replace``), so a job killed at any moment leaves the previous checkpoint readable. Replicated models
+A checkpoint is written under a temporary name, sealed with the sha256 of its files, renamed when complete, and
+only then named in ``latest``, so a job killed at any moment leaves a complete checkpoint; :func:`load` skips a
+damaged one (with a warning) for the previous, and reads tensors and plain data only
+(:mod:`distaccum.checkpoint_files`). Replicated models
 (a plain module, ``DistributedDataParallel``, an Accelerate-prepared DDP) hold the same state on every rank
 at a window boundary: rank 0 writes, every rank reads (the directory must be on a filesystem all nodes
 share). Sharded models (FSDP1, FSDP2) are written by every rank with ``torch.distributed.checkpoint``, which
@@ -41,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +52,12 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from distaccum import backends, dist
+from distaccum import checkpoint_files as files
 from distaccum.accumulator import Accumulator
 from distaccum.plan import BatchPlan
 
-FORMAT_VERSION = 1
-_LATEST = "latest"
+FORMAT_VERSION = files.FORMAT_VERSION
 _STATE = "state.pt"
-_META = "meta.json"
 _SHARDED = "sharded"
 
 
@@ -91,12 +93,10 @@ def _barrier() -> None:
 
 
 def latest(directory: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint in ``directory``, or None when there is none."""
-    pointer = Path(directory) / _LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(directory) / pointer.read_text().strip()
-    return path if (path / _META).is_file() else None
+    """The checkpoint :func:`load` tries first: the complete one ``latest`` names, else the newest complete one
+    (with a warning), or None when there is none."""
+    found = files.candidates(Path(directory))
+    return found[0].path if found else None
 
 
 def resume_plan(directory: str | os.PathLike[str], world_size: int | None = None) -> BatchPlan | None:
@@ -111,7 +111,7 @@ def resume_plan(directory: str | os.PathLike[str], world_size: int | None = None
     path = latest(directory)
     if path is None:
         return None
-    saved = BatchPlan.from_dict(json.loads((path / _META).read_text())["plan"])
+    saved = BatchPlan.from_dict(json.loads((path / files.META).read_text())["plan"])
     return saved.for_world_size(dist.world_size() if world_size is None else world_size)
 
 
@@ -136,7 +136,8 @@ def save(
         accumulator: the :class:`~distaccum.Accumulator`.
         scheduler: learning-rate scheduler, if any.
         grad_scaler: ``torch.amp.GradScaler``, if any.
-        data_state: where the data stands (e.g. ``{"step": 12, "micro_batch": 2}``); :func:`load` returns it.
+        data_state: where the data stands (e.g. ``{"step": 12, "micro_batch": 2}``), tensors and plain data only;
+            :func:`load` returns it.
         keep: how many complete checkpoints to keep (older ones are deleted).
         include_grads: allow a checkpoint mid-window: every rank also writes the gradients it accumulated so far
             (plain and DDP models only). Without it, only window boundaries are saved.
@@ -145,11 +146,12 @@ def save(
         The checkpoint's directory.
 
     Raises:
-        ValueError: mid-window without ``include_grads`` or with an FSDP model, ``keep < 1``, or a DeepSpeed
-            engine.
+        ValueError: mid-window without ``include_grads`` or with an FSDP model, ``keep < 1``, a DeepSpeed
+            engine, or a ``data_state`` that is not tensors and plain data.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 checkpoints, got {keep}")
+    files.check_plain({} if data_state is None else data_state)
     position = accumulator.micro_step_in_window
     if position and not include_grads:
         raise ValueError(
@@ -195,32 +197,22 @@ def save(
             "grad_scaler": None if grad_scaler is None else grad_scaler.state_dict(),
             "data_state": {} if data_state is None else data_state,
         }
-        torch.save(state, temporary / _STATE)
+        try:
+            torch.save(state, temporary / _STATE)
+        except BaseException:  # a full disk, say: leave no half-written directory next to the intact ones
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
         meta = {
-            "format": FORMAT_VERSION,
             "step": accumulator.optimizer_steps,
             "micro_step": position,
             "plan": accumulator.plan.as_dict(),
             "sharded": sharded,
             "grads_world_size": None if grads is None else accumulator.plan.world_size,
         }
-        (temporary / _META).write_text(json.dumps(meta, indent=1) + "\n")
-        if final.exists():  # the same step saved twice (e.g. a resumed run that saves at once): replace it
-            shutil.rmtree(final)
-        temporary.rename(final)
-        pointer = root / f".{_LATEST}.tmp"
-        pointer.write_text(name + "\n")
-        os.replace(pointer, root / _LATEST)
-        _prune(root, keep)
+        files.publish(root, temporary, name, meta, keep)
     # Nobody leaves save() before the checkpoint is complete: a rank killed right after can rely on it.
     _barrier()
     return final
-
-
-def _prune(root: Path, keep: int) -> None:
-    complete = sorted(path for path in root.glob("step-*") if (path / _META).is_file())
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load(
@@ -248,14 +240,28 @@ def load(
     Raises:
         ValueError: the checkpoint has a scheduler or scaler state and none was given (or the reverse), its
             plan's global or micro batch differs from the accumulator's, it is mid-window and the world size
-            changed, a replicated checkpoint meets a sharded model, or the model is a DeepSpeed engine.
+            changed, a replicated checkpoint meets a sharded model, the model is a DeepSpeed engine, no
+            checkpoint is intact (each damaged one is skipped with a warning first), or a file holds objects
+            other than tensors and plain data (refused without running them).
     """
     sharded_model = _layout(model) == "sharded"
-    path = latest(directory)
-    if path is None:
+    found = files.candidates(Path(directory))
+    if not found:
         return None
-    meta = json.loads((path / _META).read_text())
-    state = torch.load(path / _STATE, map_location="cpu", weights_only=False)
+    for entry in found:
+        problems = files.damage(entry)
+        if not problems:
+            break
+        warnings.warn(
+            f"checkpoint {entry.path} is damaged ({'; '.join(problems)}); trying the previous one", stacklevel=2
+        )
+    else:
+        raise ValueError(
+            f"no checkpoint in {directory} is intact ({len(found)} found, all damaged; see the warnings): refusing "
+            "to start over silently. Restore the directory from a backup, or remove it to train from scratch."
+        )
+    path, meta = entry.path, entry.meta
+    state = files.safe_load(path / _STATE)
     for field, target in (("scheduler", scheduler), ("grad_scaler", grad_scaler)):
         if (state[field] is None) != (target is None):
             raise ValueError(
@@ -271,7 +277,7 @@ def load(
         )
     accumulator_state = state["accumulator"]
     if meta.get("grads_world_size") == accumulator.plan.world_size:
-        grads = torch.load(path / f"grads-rank{dist.rank():05d}.pt", map_location="cpu", weights_only=False)
+        grads = files.safe_load(path / f"grads-rank{dist.rank():05d}.pt")
         accumulator_state = {**accumulator_state, "grads": grads}
     # The accumulator first: it refuses another plan (or a mid-window resume on another world size) before
     # anything is overwritten.
@@ -280,6 +286,7 @@ def load(
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        files.check_sharded_metadata(path / _SHARDED)
         model_state, optimizer_state = get_state_dict(model, optimizer)
         both: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(both, checkpoint_id=path / _SHARDED)  # in place, resharded to this job's layout

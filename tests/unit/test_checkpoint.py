@@ -62,8 +62,9 @@ def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path: Path) 
     (tmp_path / "step-00000009").mkdir()
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002", "step-00000003", "step-00000009"]
     assert checkpoint.latest(tmp_path) == tmp_path / "step-00000003"
-    (tmp_path / "latest").write_text("step-00000009\n")  # pointer to an incomplete one: treated as none
-    assert checkpoint.latest(tmp_path) is None
+    (tmp_path / "latest").write_text("step-00000009\n")  # pointer to an incomplete one: the newest complete one
+    with pytest.warns(UserWarning, match=r"names 'step-00000009', which is not a complete checkpoint.*step-00000003"):
+        assert checkpoint.latest(tmp_path) == tmp_path / "step-00000003"
 
 
 def test_save_mid_window_is_refused(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ LAYERS = (
     ("distaccum.dist",),
     ("distaccum.plan",),
     ("distaccum.collectives", "distaccum.weighting", "distaccum.backends", "distaccum.integrations"),
+    ("distaccum.checkpoint_files",),
     ("distaccum.uneven", "distaccum.accumulator", "distaccum"),
     ("distaccum.checkpoint",),
     ("distaccum.tools", "distaccum.survey", "distaccum.__main__"),

@@ -1,0 +1,202 @@
+"""The checkpoint directory on disk: atomic publication, integrity, the newest intact checkpoint, safe loading.
+
+What :mod:`distaccum.checkpoint` puts in a checkpoint is its business; this module makes sure that whatever
+happens to the job or the disk, a load either gets a complete, intact checkpoint or says why it cannot:
+
+* **Publication.** A checkpoint is written under ``.tmp-<name>``, gets a ``meta.json`` with the sha256 of every
+  file and a serial number (one more than any checkpoint there), is renamed to ``<name>``, and only then named
+  in ``latest`` (``os.replace``). Saving a step that exists already moves the old one aside first
+  (``.replaced-<name>-<serial>``) and deletes it only after the new one is named: no moment without a complete
+  checkpoint. Old checkpoints are pruned by serial, so a run that restarted at an earlier step never has its new
+  checkpoints deleted in favour of the old run's later ones.
+* **Choosing.** ``latest`` names the checkpoint to load; when it names nothing complete (a kill between two
+  renames, a hand-edited directory), the complete checkpoint with the highest serial is used, with a warning.
+  A checkpoint whose files do not match their sha256 (truncated, bit-flipped, missing) is skipped with a warning
+  naming the file, in favour of the previous one; when none is intact, loading raises instead of starting over.
+* **Safe loading.** Every file is read with ``torch.load(weights_only=True)``: tensors and plain data only. A
+  file that holds anything else (a crafted pickle) is refused without running it. ``data_state`` must be plain
+  data for the same reason, checked when it is saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 2
+"""2 adds ``files`` (sha256 per file) and ``serial`` to meta.json; format 1 still loads, unverified."""
+LATEST = "latest"
+META = "meta.json"
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A complete checkpoint: its directory and its meta.json."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        return (int(self.meta.get("serial", 0)), int(self.meta["step"]), int(self.meta.get("micro_step", 0)))
+
+
+def complete(root: Path) -> list[Entry]:
+    """Every complete checkpoint in ``root`` (one with a readable meta.json), oldest first."""
+    entries = []
+    for path in root.glob("*step-*") if root.is_dir() else []:
+        if path.name.startswith(("step-", ".replaced-step-")):
+            try:
+                entries.append(Entry(path, json.loads((path / META).read_text())))
+            except (OSError, ValueError):
+                continue  # a checkpoint killed before its meta.json was written is not one
+    return sorted(entries, key=lambda entry: entry.order)
+
+
+def candidates(root: Path) -> list[Entry]:
+    """Complete checkpoints in the order to try them: the one ``latest`` names, then the rest newest first."""
+    entries = complete(root)
+    named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    first = [entry for entry in entries if entry.path.name == named]
+    if named is not None and not first and entries:
+        warnings.warn(
+            f"{root / LATEST} names {named!r}, which is not a complete checkpoint (a job killed while saving?); "
+            f"using the newest complete one, {entries[-1].path.name}",
+            stacklevel=3,
+        )
+    return first + [entry for entry in reversed(entries) if entry not in first]
+
+
+def damage(entry: Entry) -> list[str]:
+    """What is wrong with ``entry``'s files against the sha256 in its meta.json (format 1: nothing checked)."""
+    problems = []
+    for name, digest in entry.meta.get("files", {}).items():
+        file = entry.path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif _sha256(file) != digest:
+            problems.append(f"{name} does not match its sha256 (truncated or corrupted)")
+    return problems
+
+
+def publish(root: Path, temporary: Path, name: str, meta: dict[str, Any], keep: int) -> Path:
+    """Seal ``temporary`` (hashes, serial, meta.json), make it ``root/name``, name it in ``latest``, prune."""
+    existing = complete(root)
+    serial = 1 + max((entry.order[0] for entry in existing), default=0)
+    files = sorted(path for path in temporary.rglob("*") if path.is_file())
+    sealed = {**meta, "format": FORMAT_VERSION, "serial": serial}
+    sealed["files"] = {str(path.relative_to(temporary)): _sha256(path) for path in files}
+    (temporary / META).write_text(json.dumps(sealed, indent=1) + "\n")
+    final = root / name
+    replaced = root / f".replaced-{name}-{serial}"
+    if final.exists():  # the same step saved again: keep the old one complete until the new one is named
+        os.rename(final, replaced)
+    os.rename(temporary, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, root / LATEST)
+    shutil.rmtree(replaced, ignore_errors=True)
+    for old in complete(root)[:-keep]:
+        if old.path != final:
+            shutil.rmtree(old.path, ignore_errors=True)
+    return final
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load`` of tensors and plain data only.
+
+    Raises:
+        ValueError: the file holds other objects (whose unpickling could run code); they were not loaded.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint file {path} holds objects other than tensors and plain data, which could run code when "
+            "loaded; it was refused without loading them. Load only checkpoints you wrote, and keep data_state "
+            f"to numbers, strings, lists, dicts and tensors. ({str(error).splitlines()[0]})"
+        ) from None
+
+
+_METADATA_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("torch.serialization", "_get_layout"),  # maps a layout's name back to torch.strided & co.
+    ("pathlib", "PosixPath"),  # the checkpoint_id DCP records
+    ("pathlib", "WindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    # torch.distributed.checkpoint reads its .metadata with a bare pickle.load: let through only what its
+    # metadata is made of (its own dataclasses, torch dtypes/layouts/sizes, plain containers).
+    def find_class(self, module: str, name: str) -> Any:
+        torch_value = getattr(torch, name, None) if module == "torch" else None
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or isinstance(torch_value, torch.dtype | torch.layout | torch.memory_format)
+            or (module == "torch" and name == "Size")
+            or (module, name) in _METADATA_GLOBALS
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def check_sharded_metadata(directory: Path) -> None:
+    """Refuse a ``torch.distributed.checkpoint`` directory whose ``.metadata`` pickle names anything but
+    checkpoint metadata, before DCP's own ``pickle.load`` would run it.
+
+    Raises:
+        ValueError: the file names another global; nothing was run.
+    """
+    path = directory / ".metadata"
+    try:
+        with path.open("rb") as file:
+            _MetadataUnpickler(file).load()
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint file {path} holds objects other than checkpoint metadata, which could run code when "
+            f"loaded; it was refused without loading them. ({error})"
+        ) from None
+
+
+def check_plain(value: Any, where: str = "data_state") -> None:
+    """Refuse anything but tensors and plain data (what :func:`safe_load` can read back).
+
+    Raises:
+        ValueError: names the first offending entry and its type.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str | int):
+                raise ValueError(f"{where} has a key {key!r} of type {type(key).__name__}; use str or int keys")
+            check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_plain(item, f"{where}[{index}]")
+    elif not isinstance(value, _PLAIN):
+        raise ValueError(
+            f"{where} is a {type(value).__name__}: a checkpoint holds only tensors and plain data (numbers, strings, "
+            "lists, dicts), which load without running code. Save what it needs to be rebuilt, e.g. its "
+            "state_dict() or a step count."
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

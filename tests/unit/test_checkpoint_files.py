@@ -1,0 +1,235 @@
+"""Checkpoints on disk: a kill at any point of save, damaged files, crafted pickles and full disks never lose the
+last intact checkpoint and never silently restart training from step 0."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import pickle
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from distaccum import Accumulator, BatchPlan, checkpoint
+from distaccum import checkpoint_files as files
+from tests.helpers.common import loss_fn, make_data, make_model, make_optimizer
+
+MICRO = 4
+
+
+class Killed(BaseException):
+    """The process died here: nothing after this point runs (BaseException: no `except Exception` catches it)."""
+
+
+def trained(steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Accumulator]:
+    model = make_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    acc = Accumulator(model, optimizer, BatchPlan(accum_steps=2, micro_batch_size=MICRO))
+    inputs, targets = make_data(2 * steps, MICRO)
+    for x, y in zip(inputs, targets, strict=True):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x), y))
+    return model, optimizer, acc
+
+
+def save(directory: Path, steps: int) -> dict[str, torch.Tensor]:
+    model, optimizer, acc = trained(steps)
+    checkpoint.save(directory, model=model, optimizer=optimizer, accumulator=acc, data_state={"step": steps}, keep=2)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def load(directory: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    model = make_model(seed=5)
+    optimizer = make_optimizer("sgd", model.parameters())
+    acc = Accumulator(model, optimizer, BatchPlan(accum_steps=2, micro_batch_size=MICRO))
+    data_state = checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc)
+    return data_state, model.state_dict()
+
+
+@contextlib.contextmanager
+def kill_at(call: int, counter: list[int]) -> Iterator[None]:
+    """Count every filesystem write of save(); at ``call`` (and ever after) the process is dead."""
+    targets = [(os, "rename"), (os, "replace"), (shutil, "rmtree"), (torch, "save"), (Path, "write_text")]
+    targets += [(Path, "mkdir"), (Path, "rename")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
+
+    def wrap(original):
+        def dying(*args, **kwargs):
+            counter[0] += 1
+            if counter[0] >= call:
+                raise Killed
+            return original(*args, **kwargs)
+
+        return dying
+
+    for owner, name, original in originals:
+        setattr(owner, name, wrap(original))
+    try:
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def writes_in_one_save(tmp_path: Path, steps: int) -> int:
+    counter = [0]
+    with kill_at(10**9, counter):
+        save(tmp_path / "count", steps)
+    return counter[0]
+
+
+@pytest.mark.parametrize("same_step", [False, True], ids=["next-step", "same-step-again"])
+def test_a_kill_at_any_point_of_save_leaves_an_intact_checkpoint_to_resume(tmp_path: Path, same_step: bool) -> None:
+    second = 2 if same_step else 3
+    writes = writes_in_one_save(tmp_path, second)
+    assert writes >= 6  # mkdir, torch.save, meta, renames, pointer, prune: every one is a kill point
+    for call in range(1, writes + 1):
+        directory = tmp_path / f"kill-{call}"
+        save(directory, 2)
+        with contextlib.suppress(Killed), kill_at(call, [0]):
+            save(directory, second)
+        data_state, weights = load(directory)
+        assert data_state is not None, f"killed at write {call}: training would restart from step 0"
+        assert data_state["step"] in (2, second), call
+        expected = save_weights_of(data_state["step"])  # training is deterministic: the weights of that step
+        assert all(torch.equal(weights[k], expected[k]) for k in expected), call
+
+
+def save_weights_of(steps: int) -> dict[str, torch.Tensor]:
+    model, _, _ = trained(steps)
+    return model.state_dict()
+
+
+def test_a_restarted_run_keeps_its_new_checkpoints_when_pruning(tmp_path: Path) -> None:
+    for steps in (3, 4):
+        save(tmp_path, steps)
+    save(tmp_path, 2)  # a run that restarted earlier: its checkpoint is the newest, whatever its step number
+    assert (tmp_path / "step-00000002").is_dir() and checkpoint.latest(tmp_path) == tmp_path / "step-00000002"
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002", "step-00000004"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped-byte", "missing-file", "latest-names-missing"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_intact_one(tmp_path: Path, damage: str) -> None:
+    save(tmp_path, 2)
+    good_weights = save_weights_of(2)
+    save(tmp_path, 3)
+    newest = tmp_path / "step-00000003"
+    state = newest / "state.pt"
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:-100])
+    elif damage == "flipped-byte":
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
+    elif damage == "missing-file":
+        state.unlink()
+    else:
+        shutil.rmtree(newest)
+    expected = r"damaged \(state.pt" if damage != "latest-names-missing" else r"not a complete checkpoint"
+    with pytest.warns(UserWarning, match=expected):
+        data_state, weights = load(tmp_path)
+    assert data_state == {"step": 2}
+    assert all(torch.equal(weights[k], good_weights[k]) for k in good_weights)
+
+
+def test_when_no_checkpoint_is_intact_load_refuses_to_start_over(tmp_path: Path) -> None:
+    save(tmp_path, 2)
+    (tmp_path / "step-00000002" / "state.pt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="damaged"), pytest.raises(ValueError, match=r"no checkpoint .* is intact"):
+        load(tmp_path)
+
+
+class _Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_crafted_pickle_is_refused_without_running_it(tmp_path: Path) -> None:
+    save(tmp_path, 2)
+    marker = tmp_path / "pwned"
+    final = tmp_path / "step-00000002"
+    with (final / "state.pt").open("wb") as file:
+        pickle.dump({"model": _Exploit(str(marker))}, file)
+    meta = json.loads((final / "meta.json").read_text())  # an attacker who also fixes the sha256
+    meta["files"]["state.pt"] = files._sha256(final / "state.pt")
+    (final / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"holds objects other than tensors and plain data.*refused"):
+        load(tmp_path)
+    assert not marker.exists(), "the pickle ran code"
+
+
+def test_data_state_must_be_plain_data(tmp_path: Path) -> None:
+    model, optimizer, acc = trained(2)
+    with pytest.raises(ValueError, match=r"data_state\['sampler'\] is a Generator: a checkpoint holds only tensors"):
+        checkpoint.save(
+            tmp_path, model=model, optimizer=optimizer, accumulator=acc, data_state={"sampler": torch.Generator()}
+        )
+    assert not tmp_path.exists() or not any(tmp_path.iterdir()), "nothing may be written"
+
+
+def test_a_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save(tmp_path, 2)
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        Path(path).write_bytes(Path(path).read_bytes()[:10])  # what reached the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save(tmp_path, 3)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002"]
+    data_state, _ = load(tmp_path)
+    assert data_state == {"step": 2}
+
+
+def test_a_format_1_checkpoint_still_loads(tmp_path: Path) -> None:
+    save(tmp_path, 2)
+    meta_path = tmp_path / "step-00000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("files", "serial"):
+        del meta[key]
+    meta["format"] = 1
+    meta_path.write_text(json.dumps(meta))
+    data_state, weights = load(tmp_path)
+    assert data_state == {"step": 2}
+    assert all(torch.equal(weights[k], v) for k, v in save_weights_of(2).items())
+
+
+def test_a_crafted_sharded_metadata_is_refused_before_dcp_unpickles_it(tmp_path: Path) -> None:
+    import torch.distributed as torch_dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+
+    def sharded() -> tuple[torch.nn.Module, torch.optim.Optimizer, Accumulator]:
+        model = fully_shard(make_model(), mesh=init_device_mesh("cpu", (1,)))
+        optimizer = make_optimizer("sgd", model.parameters())
+        return model, optimizer, Accumulator(model, optimizer, BatchPlan(accum_steps=2, micro_batch_size=MICRO))
+
+    model, optimizer, acc = sharded()
+    directory = tmp_path / "ckpt"
+    checkpoint.save(directory, model=model, optimizer=optimizer, accumulator=acc)
+    final = directory / "step-00000000"
+    files.check_sharded_metadata(final / "sharded")  # DCP's real metadata passes
+    assert checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc) == {}
+    marker = tmp_path / "pwned"
+    with (final / "sharded" / ".metadata").open("wb") as file:
+        pickle.dump(_Exploit(str(marker)), file)
+    meta = json.loads((final / "meta.json").read_text())
+    meta["files"]["sharded/.metadata"] = files._sha256(final / "sharded" / ".metadata")
+    (final / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"\.metadata holds objects other than checkpoint metadata"):
+        checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc)
+    assert not marker.exists(), "the pickle ran code"
