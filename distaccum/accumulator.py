@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from distaccum import backends, collectives, integrations, uneven
-from distaccum.backends import StepOptions
+from distaccum.backends import StepOptions, params_of
 from distaccum.plan import BatchPlan
 from distaccum.weighting import StepResult, WindowLedger, item_count
 
@@ -80,7 +80,6 @@ class Accumulator:
         self.check_ranks = check_ranks
         self._backend = backends.select(model, plan.world_size)
         self._backend.check_options(self._options)
-        self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self._window = WindowLedger(plan.accum_steps)
         self.last_step: StepResult | None = None
         """Result of the most recent optimizer step (None before the first)."""
@@ -232,10 +231,11 @@ class Accumulator:
             else:
                 totals = collectives.sum_checking_step(self._window.local_stats(), self.optimizer_steps)
                 window = self._window.close(totals, self._backend.averaging_ranks)
+            params = params_of(self.optimizer)
             if window.factor != 1.0 and not window.skip:
-                self._backend.scale_grads(self._params, window.factor)
+                self._backend.scale_grads(params, window.factor)
             grad_norm, skipped = self._backend.step(
-                self.optimizer, self._params, self._options, skip=window.skip, number=self.optimizer_steps + 1
+                self.optimizer, params, self._options, skip=window.skip, number=self.optimizer_steps + 1
             )
             if not skipped and self.scheduler is not None:
                 self.scheduler.step()
@@ -275,7 +275,7 @@ class Accumulator:
             raise RuntimeError("acc.flush() was called inside `with acc.micro_step():`; call it after the loop")
         if collectives.sum_over_ranks([self._window.position])[0] == 0:
             return None
-        self._backend.reduce_pending(self._params)
+        self._backend.reduce_pending(params_of(self.optimizer))
         self._finish_window()
         return self.last_step
 
@@ -323,7 +323,7 @@ class Accumulator:
             **self._window.state_dict(),
         }
         if include_grads and self._window.position:
-            state["grads"] = self._backend.window_grads(self._params, where=self._window.where)
+            state["grads"] = self._backend.window_grads(params_of(self.optimizer), where=self._window.where)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -339,7 +339,7 @@ class Accumulator:
         self.plan.check_resume_from(BatchPlan.from_dict(state["plan"]), int(state["micro_step"]))
         grads = state.get("grads")
         if grads is not None:
-            self._backend.restore_window_grads(self._params, grads)
+            self._backend.restore_window_grads(params_of(self.optimizer), grads)
         self._window.load_state_dict(state, with_grads=grads is not None)
         self.optimizer_steps = int(state["optimizer_steps"])
         self.skipped_steps = int(state["skipped_steps"])

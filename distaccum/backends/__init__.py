@@ -13,9 +13,9 @@ import sys
 
 from torch import nn
 
-from distaccum.backends.base import Backend, StepOptions
+from distaccum.backends.base import Backend, StepOptions, params_of
 
-__all__ = ["REGISTRY", "Backend", "StepOptions", "backend_class", "select"]
+__all__ = ["REGISTRY", "Backend", "StepOptions", "backend_class", "params_of", "select"]
 
 REGISTRY: tuple[tuple[str | None, str, str], ...] = (
     # (library the user must have imported, or None; module; class), tried in order; Backend is the fallback.

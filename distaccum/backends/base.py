@@ -21,6 +21,12 @@ from torch import nn
 Params = list[torch.Tensor]
 
 
+def params_of(optimizer: torch.optim.Optimizer) -> Params:
+    """The optimizer's parameters as they are now: read at every use, so a group added with
+    ``add_param_group`` after the accumulator was built is scaled, clipped and checkpointed too."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients that exist."""
     return [p.grad for p in params if p.grad is not None]

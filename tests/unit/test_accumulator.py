@@ -205,6 +205,34 @@ def test_grad_scaler_overflow_skips_the_step_backs_off_and_leaves_the_scheduler(
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_param_group_added_after_construction_is_clipped_and_weighted_too():
+    def build():
+        torch.manual_seed(0)
+        head, extra = nn.Linear(8, 4), nn.Linear(8, 4)
+        optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+        return head, extra, optimizer
+
+    inputs, targets = make_data(2, 3 * MICRO)
+    head, extra, optimizer = build()  # the reference: one process, the real batch, clipping over both groups
+    optimizer.add_param_group({"params": list(extra.parameters())})
+    for step in range(2):
+        optimizer.zero_grad()
+        loss_fn(head(inputs[step]) + extra(inputs[step]), targets[step]).backward()
+        torch.nn.utils.clip_grad_norm_([*head.parameters(), *extra.parameters()], 0.05)
+        optimizer.step()
+    expected = {**head.state_dict(), **{f"extra.{k}": v for k, v in extra.state_dict().items()}}
+    head, extra, optimizer = build()
+    acc = Accumulator(head, optimizer, BatchPlan(accum_steps=4, micro_batch_size=MICRO), max_grad_norm=0.05)
+    optimizer.add_param_group({"params": list(extra.parameters())})  # after the Accumulator was built
+    for step in range(2):  # 3 micro-batches of a 4-step window: a short window, so the factor matters too
+        for x, y in zip(inputs[step].split(MICRO), targets[step].split(MICRO), strict=True):
+            with acc.micro_step():
+                acc.backward(loss_fn(head(x) + extra(x), y))
+        acc.flush()
+    actual = {**head.state_dict(), **{f"extra.{k}": v for k, v in extra.state_dict().items()}}
+    assert max_relative_error(actual, expected) <= 1e-6
+
+
 def test_state_dict_round_trips_counters_and_rejects_another_plan():
     model, acc = accumulator(accum_steps=4)
     inputs, targets = make_data(1, 6 * MICRO)
