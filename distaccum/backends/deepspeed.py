@@ -54,6 +54,31 @@ from torch import nn
 from distaccum.backends.base import Backend, Params, StepOptions
 
 
+def unsupported(*, stage: int, fp16: bool, bf16: bool, fp32_grad_accum: bool, offload: bool) -> str | None:
+    """Why an engine with these settings cannot be driven exactly (None: it can); shared by the backend, which
+    sees a built engine, and ``initialize()``, which refuses the config before building one."""
+    if stage not in (0, 1, 2):
+        return (
+            f"DeepSpeed zero_optimization.stage is {stage}; distaccum supports and tests stages 0, 1 and 2 (stage 3 "
+            'keeps gradients in layouts its exact weighting is not verified on). Set "zero_optimization": '
+            '{"stage": 2} or lower.'
+        )
+    if stage == 0 and (fp16 or bf16):
+        return (
+            f"DeepSpeed ZeRO stage 0 with {'fp16' if fp16 else 'bf16'} wraps the optimizer in DeepSpeed's mixed-"
+            "precision optimizer: its gradients cannot be weighted exactly (short windows, num_items) and an fp16 "
+            "overflow would be dropped without its loss scaler backing off. Use ZeRO stage 1 or 2 for mixed "
+            "precision, or fp32 at stage 0."
+        )
+    if stage == 1 and bf16 and fp32_grad_accum and not offload:
+        return (
+            "DeepSpeed bf16 at ZeRO stage 1 with data_types.grad_accum_dtype fp32 selects BF16_Optimizer, which has "
+            "no loss scaler to apply distaccum's exact boundary correction through. Leave grad_accum_dtype unset "
+            "(or bf16), or use ZeRO stage 2."
+        )
+    return None
+
+
 class DeepSpeedBackend(Backend):
     """A ``DeepSpeedEngine``: its boundary API inside the window, ``engine.backward``/``engine.step`` to finish it.
 
@@ -107,13 +132,15 @@ class DeepSpeedBackend(Backend):
                 "model is a DeepSpeed PipelineEngine, which runs its own micro-batch schedule in "
                 "engine.train_batch(); distaccum cannot drive it. Use a data-parallel engine (no PipelineModule)."
             )
-        stage = int(engine.zero_optimization_stage())
-        if stage not in (0, 1, 2):
-            raise ValueError(
-                f"DeepSpeed zero_optimization.stage is {stage}; distaccum supports and tests stages 0, 1 and 2 "
-                "(stage 3 keeps gradients in layouts its exact weighting is not verified on). Set "
-                '"zero_optimization": {"stage": 2} or lower.'
-            )
+        refusal = unsupported(
+            stage=int(engine.zero_optimization_stage()),
+            fp16=bool(engine.fp16_enabled()),
+            bf16=bool(engine.bfloat16_enabled()),
+            fp32_grad_accum=engine.get_data_types()[1] == torch.float32,
+            offload=bool(engine.zero_cpu_offload()),
+        )
+        if refusal is not None:
+            raise ValueError(refusal)
         managed = getattr(engine, "managed_gradient_accumulation", None)
         if managed is not None and not managed():
             raise ValueError(

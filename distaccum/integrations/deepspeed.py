@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from distaccum import dist
+from distaccum.backends.deepspeed import unsupported
 from distaccum.plan import BatchPlan
 
 INSTALL_HINT = 'pip install "distaccum[deepspeed]"'
@@ -76,7 +77,9 @@ def reconcile_config(config: Mapping[str, Any], plan: BatchPlan) -> dict[str, An
     under ZeRO 1/2.
 
     Raises:
-        ValueError: a batch field disagrees with the plan; the message prints both equations with numbers.
+        ValueError: a batch field disagrees with the plan (the message prints both equations with numbers), or
+            the config asks for what distaccum cannot drive exactly: ZeRO stage 3, fp16/bf16 at stage 0, bf16
+            with fp32 gradient accumulation at stage 1 (each message gives the fix).
 
     Example:
         >>> plan = BatchPlan(global_batch_size=32, micro_batch_size=4, world_size=2)
@@ -109,7 +112,27 @@ def reconcile_config(config: Mapping[str, Any], plan: BatchPlan) -> dict[str, An
             f"DeepSpeed config gradient_clipping must be a number >= 0 (0.0 = no clipping), got {clipping!r}"
         )
     result.setdefault("zero_allow_untested_optimizer", True)
+    _refuse_unsupported(result)
     return result
+
+
+def _refuse_unsupported(config: Mapping[str, Any]) -> None:
+    # The same rules the backend applies to a built engine, here before DeepSpeed builds one.
+    zero = config.get("zero_optimization") or {}
+
+    def enabled(*sections: str) -> bool:
+        return any((config.get(section) or {}).get("enabled") in (True, "true") for section in sections)
+
+    offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    refusal = unsupported(
+        stage=int(zero.get("stage", 0)),
+        fp16=enabled("fp16"),
+        bf16=enabled("bf16", "bfloat16"),
+        fp32_grad_accum=(config.get("data_types") or {}).get("grad_accum_dtype") in ("fp32", "float32"),
+        offload=offload,
+    )
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def _init_distributed(deepspeed: Any) -> None:

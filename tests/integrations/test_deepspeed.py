@@ -285,6 +285,37 @@ def _plan(world_size: int = 2) -> BatchPlan:
     return BatchPlan(global_batch_size=32, micro_batch_size=8, world_size=world_size)
 
 
+@pytest.mark.parametrize(
+    ("section", "refusal"),
+    [
+        ({"zero_optimization": {"stage": 3}}, r"stage is 3; distaccum supports and tests stages 0, 1 and 2"),
+        ({"fp16": {"enabled": True}}, r"stage 0 with fp16 .* Use ZeRO stage 1 or 2 for mixed precision"),
+        ({"bf16": {"enabled": True}}, r"stage 0 with bf16 .* Use ZeRO stage 1 or 2 for mixed precision"),
+        (
+            {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
+            r"selects BF16_Optimizer, which has no loss scaler.*Leave grad_accum_dtype unset",
+        ),
+    ],
+    ids=["zero3", "zero0-fp16", "zero0-bf16", "zero1-bf16-fp32-accum"],
+)
+def test_config_that_cannot_be_driven_exactly_is_refused_before_the_engine_is_built(section, refusal) -> None:
+    from distaccum.integrations.deepspeed import reconcile_config
+
+    with pytest.raises(ValueError, match=refusal):
+        reconcile_config({"zero_optimization": {"stage": 0}, **section}, _plan())
+
+
+def test_mixed_precision_configs_that_work_pass_the_checks() -> None:
+    from distaccum.integrations.deepspeed import reconcile_config
+
+    for config in (
+        {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}},
+        {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}},
+        {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
+    ):
+        assert reconcile_config(config, _plan())["zero_optimization"] == config["zero_optimization"]
+
+
 def test_config_batch_fields_filled_from_plan() -> None:
     from distaccum.integrations.deepspeed import reconcile_config
 
