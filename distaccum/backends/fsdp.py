@@ -16,6 +16,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from distaccum import collectives
 from distaccum.backends.base import Backend, Params, grads_of
 
 
@@ -55,9 +56,12 @@ class FSDP1Backend(_ShardedBackend):
             local = torch.nn.utils.get_total_norm(grads)
         else:  # this rank's shard holds no gradient; it still joins the all-reduce, on the right device
             local = torch.zeros((), device=next(self.model.parameters()).device)
-        squared = local.to(torch.float64).square().reshape(1)
+        # On the communication device: a CPU-offloaded shard's norm cannot go through NCCL from the CPU.
+        squared = local.to(collectives.comm_device(), torch.float64).square().reshape(1)
         if self.model.sharding_strategy != ShardingStrategy.NO_SHARD:
-            torch_dist.all_reduce(squared)
+            # Over one replica's shard group: with HYBRID_SHARD the shards repeat across replicas, and summing
+            # over the whole world would count each of them once per replica (norm too large by sqrt(replicas)).
+            torch_dist.all_reduce(squared, group=self.model.process_group)
         total = squared.sqrt()[0]
         if max_norm is not None and math.isfinite(max_norm) and grads:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)

@@ -115,3 +115,45 @@ def test_single_process_plain_module_matches_real_batch():
                     acc.backward(loss_fn(model(x), y))
         expected, _ = reference_run(optimizer_name, STEPS, GLOBAL_BATCH)
         assert max_relative_error(model.state_dict(), expected) <= 1e-6
+
+
+HYBRID_CLIP = 0.05
+
+
+def train_fsdp1_hybrid(rank: int, world_size: int) -> dict:
+    """FSDP1 HYBRID_SHARD on a 2 x 2 mesh (2 replicas of 2 shards), float64, clipping on every step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    model = FullyShardedDataParallel(
+        make_model(torch.float64),
+        device_id=torch.device("cpu"),
+        use_orig_params=True,
+        sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+        device_mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")),
+    )
+    optimizer = make_optimizer("sgd", model.parameters())
+    acc = Accumulator(
+        model,
+        optimizer,
+        BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH),
+        max_grad_norm=HYBRID_CLIP,
+    )
+    inputs, targets = make_data(STEPS, GLOBAL_BATCH, torch.float64)
+    norms = []
+    for step in range(STEPS):
+        for x, y in rank_micro_batches(inputs[step], targets[step], rank, world_size, MICRO_BATCH):
+            with acc.micro_step():
+                acc.backward(loss_fn(model(x), y))
+        norms.append(acc.last_step.grad_norm)
+    return {"norms": norms, "state": full_state(model)}
+
+
+def test_fsdp1_hybrid_shard_norm_and_clipping_equal_the_real_batch():
+    # Squared shard norms add up over one replica's shard group only: over all 4 ranks they count twice.
+    results = run_ranks(train_fsdp1_hybrid, world_size=4, timeout_s=180)
+    expected, norms = reference_run("sgd", STEPS, GLOBAL_BATCH, torch.float64, max_grad_norm=HYBRID_CLIP)
+    assert min(norms) > HYBRID_CLIP  # clipping is active on every step
+    for result in results:
+        assert result["norms"] == pytest.approx(norms, rel=1e-12)
+        assert max_relative_error(result["state"], expected) <= TOLERANCE[torch.float64]
