@@ -79,6 +79,7 @@ class Accumulator:
         self.on_nonfinite = on_nonfinite
         self.check_ranks = check_ranks
         self._backend = backends.select(model, plan.world_size)
+        collectives.bind_device(model)
         self._backend.check_options(self._options)
         self._window = WindowLedger(plan.accum_steps)
         self.last_step: StepResult | None = None

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as torch_dist
+from torch import nn
 
 from distaccum import dist
 from distaccum.plan import BatchPlan
@@ -27,6 +28,17 @@ def comm_device() -> torch.device:
     if torch_dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def bind_device(model: nn.Module) -> None:
+    """Under NCCL, make the GPU that holds ``model`` this process's current device, where :func:`comm_device`
+    puts every scalar collective. A script that did ``model.to(local_rank)`` without ``torch.cuda.set_device``
+    (which :func:`distaccum.dist.init` calls) would otherwise run every rank's collectives on ``cuda:0``."""
+    if not active() or torch_dist.get_backend() != "nccl":
+        return
+    device = next((p.device for p in model.parameters() if p.device.type == "cuda"), None)
+    if device is not None and device.index is not None and device.index != torch.cuda.current_device():
+        torch.cuda.set_device(device)
 
 
 def sum_over_ranks(values: Sequence[float]) -> list[float]:
