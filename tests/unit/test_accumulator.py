@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -231,6 +233,29 @@ def test_a_param_group_added_after_construction_is_clipped_and_weighted_too():
         acc.flush()
     actual = {**head.state_dict(), **{f"extra.{k}": v for k, v in extra.state_dict().items()}}
     assert max_relative_error(actual, expected) <= 1e-6
+
+
+def test_a_window_without_items_leaves_the_optimizer_and_scheduler_untouched():
+    model = make_model()
+    optimizer = make_optimizer("adam", model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    acc = Accumulator(model, optimizer, BatchPlan(accum_steps=2, micro_batch_size=MICRO), scheduler=scheduler)
+    x, y = make_data(3, MICRO)
+
+    def window(count: int) -> None:
+        for index in range(2):
+            with acc.micro_step():
+                acc.backward(loss_fn(model(x[index]), y[index]) * min(count, 1), num_items=count)
+
+    window(MICRO)  # one real step first, so that Adam has state to disturb
+    saved = copy.deepcopy(optimizer.state_dict())
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    window(0)
+    assert acc.last_step.skipped and acc.last_step.num_items == 0
+    assert scheduler.last_epoch == 1 and optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-2)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(after[i][key], saved["state"][i][key]) for i in saved["state"] for key in saved["state"][i])
 
 
 def test_state_dict_round_trips_counters_and_rejects_another_plan():

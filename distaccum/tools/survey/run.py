@@ -100,7 +100,9 @@ def _run_config(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_values[min(step, len(lr_values) - 1)] / lr_values[0]
     )
-    acc = Accumulator(model, optimizer, plan, scheduler=scheduler)
+    # A real batch (no accumulation) is trained by a plain PyTorch loop, so that the curve the virtual batch is
+    # compared with does not go through the code under test.
+    acc = Accumulator(model, optimizer, plan, scheduler=scheduler) if plan.accum_steps > 1 else None
     curve = Curve(name=config.name, plan=plan)
     per_rank = plan.global_batch_size // world
     for step in range(len(lr_values)):
@@ -115,19 +117,45 @@ def _run_config(
         micro_batches = zip(
             inputs[mine].split(plan.micro_batch_size), targets[mine].split(plan.micro_batch_size), strict=True
         )
-        for x, y in micro_batches:
-            with acc.micro_step():
-                acc.backward(loss_fn(model(x.to(device)), y.to(device)))
-        assert acc.stepped and acc.last_step is not None
+        if acc is None:
+            loss = _plain_step(model, optimizer, scheduler, loss_fn, *next(micro_batches), device, world)
+        else:
+            for x, y in micro_batches:
+                with acc.micro_step():
+                    acc.backward(loss_fn(model(x.to(device)), y.to(device)))
+            assert acc.stepped and acc.last_step is not None
+            loss = math.inf if acc.last_step.skipped else acc.last_step.loss
         curve.steps.append(step)
         curve.lrs.append(lr)
-        # last_step is identical on every rank, so every rank stops at the same step: nothing can hang.
-        curve.losses.append(math.inf if acc.last_step.skipped else acc.last_step.loss)
+        # The loss is the mean over all ranks, identical on every rank: every rank stops at the same step.
+        curve.losses.append(loss)
         tick(1)
         if divergence_step(curve.losses, factor, smoothing) is not None:
             tick(len(lr_values) - step - 1)
             break
     return curve
+
+
+def _plain_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    world: int,
+) -> float:
+    """One optimizer step on this rank's whole share of a real batch, as any PyTorch script takes it."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x.to(device)), y.to(device))
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    value = loss.detach().to(torch.float64).reshape(1)
+    if world > 1:
+        torch.distributed.all_reduce(value)
+    return float(value) / world
 
 
 def lr_survey(
@@ -150,11 +178,13 @@ def lr_survey(
     Works on one process and on every rank of a ``torch.distributed`` job (the model is wrapped in DDP when
     there are several ranks; call :func:`distaccum.dist.init` first). Nothing of ``model`` is changed: each
     configuration trains a deep copy. The learning rate of step ``s`` is ``lr_min * (lr_max/lr_min) **
-    (s/(steps-1))``, set by a ``LambdaLR`` scheduler that the :class:`~distaccum.Accumulator` steps once per
-    optimizer step. A curve stops at the first step whose loss, smoothed by an exponential moving average,
-    is non-finite or above ``divergence_factor`` times its smoothed minimum so far (:func:`divergence_step`);
-    that step is recorded. The recorded losses are the raw ``acc.last_step.loss`` (the window loss over
-    all ranks, identical on every rank, so every rank stops at the same step).
+    (s/(steps-1))``, set by a ``LambdaLR`` scheduler stepped once per optimizer step. A configuration with
+    accumulation trains through the :class:`~distaccum.Accumulator`; a real batch (``accum_steps`` 1) trains in
+    a plain PyTorch loop, so the curve it is compared with does not go through distaccum. A curve stops at the
+    first step whose loss, smoothed by an exponential moving average, is non-finite or above
+    ``divergence_factor`` times its smoothed minimum so far (:func:`divergence_step`); that step is recorded.
+    The recorded losses are raw: the step's loss averaged over all ranks, identical on every rank, so every
+    rank stops at the same step.
 
     Args:
         model: a module (deep-copied) or a factory returning one; must be identical on every rank.
