@@ -466,3 +466,22 @@ def test_the_two_rank_checkpoint_resumes_on_one_process_with_the_same_weights(ki
     assert f"at step {KILLED_RUN_STEPS}" in output and "accum_steps 4 x micro_batch_size 8 x world_size 1" in output
     weights = torch.load(directory / "elastic.pt", weights_only=True)
     assert max_relative_error(weights, reference_weights(steps)) <= EXACT
+
+
+@pytest.mark.slow
+def test_a_kill_soak_ends_with_the_uninterrupted_weights_and_every_step_once(tmp_path: Path) -> None:
+    # SIGKILLs of a random rank inside windows, at boundaries and during checkpoint writes, under torchrun
+    # --max-restarts (the long soak: python -m tests.helpers.kill_soak --kills 10).
+    from tests.helpers.examples import reference_weights
+    from tests.helpers.kill_soak import soak, uninterrupted
+
+    steps, kills = 40, 3
+    report = soak(tmp_path, kills=kills, steps=steps, seed=0, timeout_s=420)
+    assert report["code"] == 0, report["output"][-4000:]
+    assert len(report["kills"]) == kills, report["kills"]
+    assert len(re.findall(r"failed \(exitcode: -9\)", report["output"])) == kills  # torchrun saw every kill
+    assert report["final_step"] == steps  # the final state took every optimizer step, none twice
+    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+    clean = torch.load(uninterrupted(tmp_path, steps=steps), weights_only=True)
+    assert all(torch.equal(weights[k], clean[k]) for k in clean), "resumes must be bit-identical on 2 ranks"
+    assert max_relative_error(weights, reference_weights(steps)) <= EXACT

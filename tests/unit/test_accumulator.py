@@ -136,16 +136,29 @@ def test_grad_scaler_unscales_and_updates_once_per_step():
     assert max_relative_error(model.state_dict(), expected) <= 1e-6  # power-of-two scale: exact
 
 
-def test_bf16_autocast_on_cpu_trains_close_to_fp32_reference():
-    model, acc = accumulator(accum_steps=4)
+def test_bf16_autocast_on_cpu_equals_the_bf16_real_batch_within_rounding():
     inputs, targets = make_data(3, 4 * MICRO)
+
+    def real_batch(scale: float = 1.0) -> dict[str, torch.Tensor]:  # the same autocast, one process, not distaccum
+        model = make_model()
+        optimizer = make_optimizer("sgd", model.parameters())
+        for step in range(3):
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                output = model(inputs[step]).float()
+            (loss_fn(output, targets[step]) * scale).backward()
+            optimizer.step()
+        return model.state_dict()
+
+    model, acc = accumulator(accum_steps=4)
     for step in range(3):
         for x, y in zip(inputs[step].split(MICRO), targets[step].split(MICRO), strict=True):
             with acc.micro_step(), torch.autocast("cpu", dtype=torch.bfloat16):
                 acc.backward(loss_fn(model(x).float(), y))
-    expected, _ = reference_run("sgd", 3, 4 * MICRO)
-    error = max_relative_error(model.state_dict(), expected)
-    assert 0 < error < 5e-2  # bf16 rounding, but the same training
+    # Measured: bf16 rounding 4.6e-4 (micro-batches vs one batch); a gradient 10% off moves the weights 2.1e-2.
+    expected = real_batch()
+    assert max_relative_error(model.state_dict(), expected) < 5e-3
+    assert max_relative_error(real_batch(scale=1.1), expected) > 5e-3  # the bound catches a 10% weighting error
 
 
 def test_nonfinite_gradient_skips_the_step_and_counts_it():
