@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from distaccum import Accumulator, BatchPlan
 from tests.helpers.common import (
@@ -123,28 +124,37 @@ def test_single_process_plain_module_matches_real_batch():
         assert max_relative_error(model.state_dict(), expected) <= 1e-6
 
 
-HYBRID_CLIP = 0.05
+SHARDED_CLIP = 0.05
+SHARDED_LAYOUTS = ("fsdp1-full-shard", "fsdp1-no-shard", "fsdp1-hybrid-shard", "fsdp2", "fsdp2-hsdp")
 
 
-def train_fsdp1_hybrid(rank: int, world_size: int) -> dict:
-    """FSDP1 HYBRID_SHARD on a 2 x 2 mesh (2 replicas of 2 shards), float64, clipping on every step."""
+def shard(model: nn.Module, layout: str) -> nn.Module:
+    """``model`` wrapped over 4 ranks: FSDP1 with a sharding strategy, or FSDP2 on a 1-D or a 2 x 2 mesh."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
 
-    model = FullyShardedDataParallel(
-        make_model(torch.float64),
-        device_id=torch.device("cpu"),
-        use_orig_params=True,
-        sharding_strategy=ShardingStrategy.HYBRID_SHARD,
-        device_mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")),
+    two_d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    if layout == "fsdp2":
+        return fully_shard(model, mesh=init_device_mesh("cpu", (4,)))
+    if layout == "fsdp2-hsdp":
+        return fully_shard(model, mesh=two_d)
+    strategy = {
+        "fsdp1-full-shard": ShardingStrategy.FULL_SHARD,
+        "fsdp1-no-shard": ShardingStrategy.NO_SHARD,
+        "fsdp1-hybrid-shard": ShardingStrategy.HYBRID_SHARD,
+    }[layout]
+    mesh = two_d if strategy == ShardingStrategy.HYBRID_SHARD else None
+    return FullyShardedDataParallel(
+        model, device_id=torch.device("cpu"), use_orig_params=True, sharding_strategy=strategy, device_mesh=mesh
     )
+
+
+def train_sharded(rank: int, world_size: int, layout: str) -> dict:
+    """4 ranks, float64, clipping that binds on every step; the reported norms and the weights."""
+    model = shard(make_model(torch.float64), layout)
     optimizer = make_optimizer("sgd", model.parameters())
-    acc = Accumulator(
-        model,
-        optimizer,
-        BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH),
-        max_grad_norm=HYBRID_CLIP,
-    )
+    plan = BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH)
+    acc = Accumulator(model, optimizer, plan, max_grad_norm=SHARDED_CLIP)
     inputs, targets = make_data(STEPS, GLOBAL_BATCH, torch.float64)
     norms = []
     for step in range(STEPS):
@@ -155,11 +165,13 @@ def train_fsdp1_hybrid(rank: int, world_size: int) -> dict:
     return {"norms": norms, "state": full_state(model)}
 
 
-def test_fsdp1_hybrid_shard_norm_and_clipping_equal_the_real_batch():
-    # Squared shard norms add up over one replica's shard group only: over all 4 ranks they count twice.
-    results = run_ranks(train_fsdp1_hybrid, world_size=4, timeout_s=180)
-    expected, norms = reference_run("sgd", STEPS, GLOBAL_BATCH, torch.float64, max_grad_norm=HYBRID_CLIP)
-    assert min(norms) > HYBRID_CLIP  # clipping is active on every step
+@pytest.mark.parametrize("layout", SHARDED_LAYOUTS)
+def test_sharded_norm_and_clipping_equal_the_real_batch(layout: str):
+    # Squared shard norms must add up over one copy of the model: with HYBRID_SHARD the shards repeat across
+    # replicas, and summing over all 4 ranks counted them twice (the norm was too large by sqrt(2)).
+    results = run_ranks(train_sharded, layout, world_size=4, timeout_s=180)
+    expected, norms = reference_run("sgd", STEPS, GLOBAL_BATCH, torch.float64, max_grad_norm=SHARDED_CLIP)
+    assert min(norms) > SHARDED_CLIP  # clipping is active on every step
     for result in results:
         assert result["norms"] == pytest.approx(norms, rel=1e-12)
         assert max_relative_error(result["state"], expected) <= TOLERANCE[torch.float64]
