@@ -123,7 +123,7 @@ def _train_stage(rank: int, stage: int) -> dict:
     inputs, targets = make_data(len(WINDOWS), GLOBAL_BATCH)
     naive_norm = _naive_double_scaled_norm(engine, inputs[0], targets[0], rank) if stage == 0 else None
     steps = []
-    inside_window_reductions = [0]
+    inside_window_reductions, window_reductions = [0], [0]
     for window, (kind, micro_steps) in enumerate(WINDOWS):
         rows = window_samples(rank, micro_steps)
         mask = item_mask(window, kind)[rows]
@@ -138,6 +138,7 @@ def _train_stage(rank: int, stage: int) -> dict:
             counting = window == 1 and not acc.is_boundary  # window 0 also holds the ranks' start-up check
             with (
                 _count_reductions(inside_window_reductions) if counting else contextlib.nullcontext(),
+                _count_reductions(window_reductions) if window == 1 else contextlib.nullcontext(),
                 acc.micro_step(last=last),
             ):
                 output = engine(x)
@@ -160,7 +161,29 @@ def _train_stage(rank: int, stage: int) -> dict:
         "steps": steps,
         "naive_norm": naive_norm,
         "inside_window_reductions": inside_window_reductions[0],
+        "window_reductions": window_reductions[0],
+        "native_window_reductions": _native_window_reductions(rank, stage),
     }
+
+
+def _native_window_reductions(rank: int, stage: int) -> int:
+    """Reductions in one full window of DeepSpeed's own accumulation (engine.backward + engine.step on every
+    micro-batch, its own boundary counter), after a warm-up window: what distaccum must not exceed."""
+    from distaccum.integrations.deepspeed import initialize
+
+    model = make_model()
+    plan = BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH)
+    engine = initialize(model, make_optimizer("sgd", model.parameters()), plan, _ds_config(stage))
+    inputs, targets = make_data(2, GLOBAL_BATCH)
+    counter = [0]
+    for window in range(2):
+        rows = window_samples(rank, ACCUM)
+        for x, y in zip(inputs[window][rows].split(MICRO_BATCH), targets[window][rows].split(MICRO_BATCH), strict=True):
+            with _count_reductions(counter) if window == 1 else contextlib.nullcontext():
+                engine.backward(loss_fn(engine(x), y))
+                engine.step()
+    del engine, model
+    return counter[0]
 
 
 def _all_stages_worker(rank: int, world_size: int) -> dict:
@@ -256,6 +279,17 @@ def test_reductions_inside_the_window(stage_runs: dict, stage: int) -> None:
         assert counts == [0, 0]
     else:
         assert all(count >= ACCUM - 1 for count in counts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_window_reduces_what_deepspeeds_own_accumulation_reduces_plus_one_scalar(stage_runs: dict, stage: int):
+    # Once per optimizer step, exactly: the same gradient reductions as DeepSpeed driving its own window, plus
+    # the one scalar all-reduce of the window's item count, loss and step check.
+    for run in stage_runs["ranks"]:
+        ours, native = run[stage]["window_reductions"], run[stage]["native_window_reductions"]
+        print(f"ZeRO {stage}: reductions per window, distaccum {ours}, DeepSpeed alone {native}")
+        assert native >= 1 and ours == native + 1, (stage, ours, native)
 
 
 @pytest.mark.slow
