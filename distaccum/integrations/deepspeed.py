@@ -175,8 +175,9 @@ def initialize(
 
     Raises:
         ImportError: deepspeed is not installed (the message has the pip command).
-        ValueError: a config batch field disagrees with the plan (the message prints the equation), or
-            ``plan.world_size`` is not the live world size.
+        ValueError: a config batch field disagrees with the plan (the message prints the equation), the config
+            or the model is one distaccum cannot drive exactly (ZeRO 3, a PipelineModule, see
+            :func:`reconcile_config`), or ``plan.world_size`` is not the live world size.
 
     Example (under ``torchrun --nproc_per_node 2`` or the ``deepspeed`` launcher)::
 
@@ -187,6 +188,11 @@ def initialize(
     deepspeed = _import_deepspeed()
     if not isinstance(plan, BatchPlan):
         raise TypeError(f"plan must be a distaccum.BatchPlan, got {type(plan).__name__}")
+    if isinstance(model, deepspeed.pipe.PipelineModule):
+        raise ValueError(
+            "model is a DeepSpeed PipelineModule: its engine runs its own micro-batch schedule in "
+            "engine.train_batch(), which distaccum cannot drive. Use a data-parallel model (no PipelineModule)."
+        )
     full_config = reconcile_config(load_config(config), plan)
     _init_distributed(deepspeed)
     plan.check_world_size()

@@ -339,6 +339,16 @@ def test_config_that_cannot_be_driven_exactly_is_refused_before_the_engine_is_bu
         reconcile_config({"zero_optimization": {"stage": 0}, **section}, _plan())
 
 
+def test_a_pipeline_module_is_refused_before_anything_starts() -> None:
+    from deepspeed.pipe import PipelineModule
+
+    from distaccum.integrations.deepspeed import initialize
+
+    pipeline = PipelineModule.__new__(PipelineModule)  # only its type matters: the refusal comes first
+    with pytest.raises(ValueError, match=r"PipelineModule: its engine runs its own micro-batch schedule"):
+        initialize(pipeline, None, _plan(world_size=1), {})
+
+
 def test_mixed_precision_configs_that_work_pass_the_checks() -> None:
     from distaccum.integrations.deepspeed import reconcile_config
 
