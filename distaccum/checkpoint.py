@@ -70,10 +70,8 @@ def unwrap(model: nn.Module) -> nn.Module:
         True
     """
     while True:
+        model = backends.wrapper_of(model)
         inner = backends.backend_class(model).inner(model)
-        if inner is None:  # torch.compile keeps the module it compiled as _orig_mod
-            compiled = getattr(model, "_orig_mod", None)
-            inner = compiled if isinstance(compiled, nn.Module) else None
         if inner is None:
             return model
         model = inner

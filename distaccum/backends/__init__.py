@@ -15,7 +15,7 @@ from torch import nn
 
 from distaccum.backends.base import Backend, StepOptions, params_of
 
-__all__ = ["REGISTRY", "Backend", "StepOptions", "backend_class", "params_of", "select"]
+__all__ = ["REGISTRY", "Backend", "StepOptions", "backend_class", "params_of", "select", "wrapper_of"]
 
 REGISTRY: tuple[tuple[str | None, str, str], ...] = (
     # (library the user must have imported, or None; module; class), tried in order; Backend is the fallback.
@@ -34,8 +34,17 @@ def _candidates() -> list[type[Backend]]:
     return found
 
 
+def wrapper_of(model: nn.Module) -> nn.Module:
+    """``model`` without ``torch.compile``'s ``OptimizedModule`` layers: the wrapper that decides the backend
+    (``torch.compile(DDP(model))``, as Accelerate's ``dynamo_backend`` builds it, is a DDP model)."""
+    while isinstance(compiled := getattr(model, "_orig_mod", None), nn.Module):
+        model = compiled
+    return model
+
+
 def backend_class(model: nn.Module) -> type[Backend]:
-    """The backend class for ``model``'s wrapper (:class:`Backend` for a plain module)."""
+    """The backend class for ``model``'s wrapper (:class:`Backend` for a plain module), compiled or not."""
+    model = wrapper_of(model)
     for candidate in _candidates():
         if candidate.matches(model):
             return candidate
@@ -54,12 +63,13 @@ def select(model: nn.Module, world_size: int) -> Backend:
         'plain'
     """
     chosen = backend_class(model)
+    wrapper = wrapper_of(model)
     if chosen is Backend and world_size > 1:
         raise ValueError(
-            f"model is a plain {type(model).__name__} but world_size is {world_size}: its gradients would never "
+            f"model is a plain {type(wrapper).__name__} but world_size is {world_size}: its gradients would never "
             "be averaged across ranks and every rank would train its own model. Wrap it before building the "
             "Accumulator: DistributedDataParallel(model), FSDP / fully_shard(model), accelerator.prepare(model) "
             "or deepspeed.initialize(model=model, ...). (Under `accelerate launch` without a GPU, set "
             "ACCELERATE_USE_CPU=1 so that Accelerate wraps the model.)"
         )
-    return chosen(model, world_size)
+    return chosen(wrapper, world_size)

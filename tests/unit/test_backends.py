@@ -63,6 +63,16 @@ def test_unwrap_asks_the_backends_for_the_inner_module():
     assert checkpoint.unwrap(torch.compile(nn.parallel.DistributedDataParallel(inner))) is inner
 
 
+@pytest.mark.usefixtures("one_rank_group")
+def test_a_compiled_wrapper_selects_the_wrapper_backend():
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(2, 1))
+    backend = backends.select(torch.compile(ddp), world_size=1)
+    assert backend.name == "ddp" and backend.model is ddp  # no_sync is the DDP's own, under the compiled forward
+    assert backends.select(torch.compile(nn.Linear(2, 1)), world_size=1).name == "plain"
+    with pytest.raises(ValueError, match=r"plain Linear but world_size is 2"):  # the message names the real module
+        backends.select(torch.compile(nn.Linear(2, 1)), world_size=2)
+
+
 def test_registry_rows_name_backend_classes_in_modules_that_exist():
     import importlib
 
