@@ -179,6 +179,21 @@ def test_ranks_that_disagree_on_position_or_step_fail_on_every_rank():
 
 
 # --------------------------------------------------------------------------------------------------- non-finite
+def real_batches_of_windows_1_and_3() -> dict[str, torch.Tensor]:
+    """One process on the real batches of windows 1 and 3 of the 2-rank fault workers (window 2 skipped)."""
+    reference = make_model()
+    optimizer = make_optimizer("sgd", reference.parameters())
+    inputs, targets = make_data(2 * workers.STEPS, workers.MICRO)
+    for window in (0, 2):
+        optimizer.zero_grad()
+        loss_fn(
+            reference(inputs[2 * window : 2 * window + 2].reshape(-1, inputs.shape[-1])),
+            targets[2 * window : 2 * window + 2].reshape(-1, targets.shape[-1]),
+        ).backward()
+        optimizer.step()
+    return reference.state_dict()
+
+
 def test_nan_on_one_rank_skips_the_step_on_both_or_raises_on_both():
     results = run_ranks(workers.nan_on_one_rank, timeout_s=90)
     for result in results:
@@ -191,17 +206,7 @@ def test_nan_on_one_rank_skips_the_step_on_both_or_raises_on_both():
     finals = [result["skip"]["after_step"][-1][1] for result in results]
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # the ranks stay identical
     # Nothing else lost: the same as training on windows 1 and 3 only.
-    reference = make_model()
-    optimizer = make_optimizer("sgd", reference.parameters())
-    inputs, targets = make_data(2 * workers.STEPS, workers.MICRO)
-    for window in (0, 2):
-        optimizer.zero_grad()
-        loss_fn(
-            reference(inputs[2 * window : 2 * window + 2].reshape(-1, inputs.shape[-1])),
-            targets[2 * window : 2 * window + 2].reshape(-1, targets.shape[-1]),
-        ).backward()
-        optimizer.step()
-    assert max_relative_error(finals[0], reference.state_dict()) <= EXACT
+    assert max_relative_error(finals[0], real_batches_of_windows_1_and_3()) <= EXACT
 
 
 def test_overflow_in_one_fsdp1_shard_skips_the_step_on_every_rank_with_a_grad_scaler():
@@ -222,17 +227,7 @@ def test_an_exception_on_one_rank_discards_the_window_on_every_rank(fail_index):
     for result in results:
         assert result["skipped"] == [False, True, False], result["skipped"]
     assert all(torch.equal(results[0]["weights"][k], results[1]["weights"][k]) for k in results[0]["weights"])
-    reference = make_model()  # the real batch of windows 1 and 3 only, on one process
-    optimizer = make_optimizer("sgd", reference.parameters())
-    inputs, targets = make_data(2 * workers.STEPS, workers.MICRO)
-    for window in (0, 2):
-        optimizer.zero_grad()
-        loss_fn(
-            reference(inputs[2 * window : 2 * window + 2].reshape(-1, inputs.shape[-1])),
-            targets[2 * window : 2 * window + 2].reshape(-1, targets.shape[-1]),
-        ).backward()
-        optimizer.step()
-    assert max_relative_error(results[0]["weights"], reference.state_dict()) <= EXACT
+    assert max_relative_error(results[0]["weights"], real_batches_of_windows_1_and_3()) <= EXACT
 
 
 # -------------------------------------------------------------------------------------------------- uneven data
