@@ -30,8 +30,9 @@ How the Accumulator drives the engine (ZeRO stages 0, 1 and 2; fp32, or fp16/bf1
     the clip threshold applies to the corrected norm, and the reported norm is the corrected one. Afterwards
     the loss scaler's whole state is restored and its update is replayed with the step's overflow result, so a
     dynamic fp16 scaler evolves exactly as without the correction.
-  - Anything else (ZeRO 0 with DeepSpeed's fp16/bf16 optimizer wrappers, ZeRO 3, pipeline engines) raises a
-    ``ValueError`` when a correction is needed, instead of stepping with a wrong weighting.
+  - What cannot be weighted exactly (ZeRO 0 with DeepSpeed's fp16/bf16 optimizer wrappers, bf16 with fp32
+    gradient accumulation at ZeRO 1, ZeRO 3, pipeline engines) is refused when the backend is built
+    (:func:`unsupported`), and by ``initialize()`` before the engine is.
 * **Clipping.** DeepSpeed 0.19 clips at 1.0 when the config does not say otherwise. ``initialize()`` writes
   ``gradient_clipping: 0.0`` when the field is missing; the config is where DeepSpeed clips, and the
   accumulator's ``max_grad_norm`` must agree with it (None for 0.0), checked at the first step.
@@ -191,7 +192,8 @@ class DeepSpeedBackend(Backend):
         if factor == 1.0:
             return
         if self.stage == 0:
-            if not isinstance(self.engine.optimizer, torch.optim.Optimizer) or self._is_mixed_precision_wrapper():
+            # fp16/bf16 at stage 0 is refused at construction (unsupported()); another wrapper would land here.
+            if not isinstance(self.engine.optimizer, torch.optim.Optimizer):
                 raise ValueError(
                     f"this window needs its gradient multiplied by {factor:g} (a short window or num_items "
                     f"weighting), but DeepSpeed ZeRO stage 0 keeps it inside {type(self.engine.optimizer).__name__}, "
@@ -203,9 +205,6 @@ class DeepSpeedBackend(Backend):
             return
         # ZeRO 1/2: applied through the loss scale during step (see the module docstring).
         self._factor *= factor
-
-    def _is_mixed_precision_wrapper(self) -> bool:
-        return bool(self.engine.fp16_enabled() or self.engine.bfloat16_enabled())
 
     def reduce_pending(self, params: Params) -> None:
         """Reduce what the ranks accumulated when the data ended mid-window: one boundary backward of zero."""
