@@ -14,6 +14,7 @@ from torch import nn
 
 from distaccum import backends, collectives, integrations, uneven
 from distaccum.backends import StepOptions, params_of
+from distaccum.batchnorm import BatchNormMode, BatchNormWindow
 from distaccum.plan import BatchPlan
 from distaccum.weighting import StepResult, WindowLedger, item_count
 
@@ -37,6 +38,8 @@ class Accumulator:
             :attr:`skipped_steps`), or ``"raise"`` ``FloatingPointError``. With an enabled ``grad_scaler`` a
             non-finite gradient is an fp16 overflow: skipped, and the scale backs off, on every rank.
         check_ranks: at the first micro-step, check that all ranks agree on the plan and their position.
+        batch_norm: ``"exact"``: BatchNorm running statistics updated once per step from the whole window, as the
+            real batch would; ``"warn"`` (default) / ``"per_micro_batch"``: torch's (:mod:`distaccum.batchnorm`).
 
     Raises:
         ValueError: bad argument, a plan made for another world size, or an unwrapped model on several ranks.
@@ -63,25 +66,23 @@ class Accumulator:
         grad_scaler: torch.amp.GradScaler | None = None,
         on_nonfinite: Literal["skip", "raise"] = "skip",
         check_ranks: bool = True,
+        batch_norm: BatchNormMode = "warn",
     ) -> None:
         if not isinstance(plan, BatchPlan):
             raise TypeError(f"plan must be a distaccum.BatchPlan, got {type(plan).__name__}")
         plan.check_world_size()
-        # accelerator.prepare's wrappers are driven through what they wrap: accumulate, scale, schedule once.
         optimizer, scheduler, grad_scaler = integrations.adapt(optimizer, scheduler, grad_scaler)
         self._options = StepOptions(max_grad_norm=max_grad_norm, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite)
         self.model = model
         self.optimizer = optimizer
         self.plan = plan
         self.scheduler = scheduler
-        self.max_grad_norm = max_grad_norm
         self.grad_scaler = grad_scaler
-        self.on_nonfinite = on_nonfinite
         self.check_ranks = check_ranks
         self._backend = backends.select(model, plan.world_size)
         collectives.bind_device(model)
         self._backend.check_options(self._options)
-        self._window = WindowLedger(plan.accum_steps)
+        self._window = WindowLedger(plan.accum_steps, BatchNormWindow.attach(model, batch_norm, plan.accum_steps))
         self.last_step: StepResult | None = None
         """Result of the most recent optimizer step (None before the first)."""
         self.stepped = False
@@ -117,8 +118,7 @@ class Accumulator:
 
     @property
     def grads_in_params(self) -> bool:
-        """Whether the window's unsynced gradients live in ``param.grad`` (plain module, DDP), so that
-        :meth:`state_dict` can save them mid-window; False for FSDP and DeepSpeed."""
+        """Whether unsynced gradients live in ``param.grad`` (plain, DDP: :meth:`state_dict` can save them)."""
         return self._backend.grads_in_params
 
     @contextlib.contextmanager

@@ -49,6 +49,8 @@ from typing import Any, Literal
 
 import torch
 
+from distaccum.batchnorm import BatchNormWindow
+
 Mode = Literal["items", "mean"]
 
 
@@ -106,10 +108,12 @@ class WindowLedger:
 
     Args:
         accum_steps: micro-steps in a full window.
+        batch_norm: exact BatchNorm running statistics to pool over the window (:mod:`distaccum.batchnorm`).
     """
 
-    def __init__(self, accum_steps: int) -> None:
+    def __init__(self, accum_steps: int, batch_norm: BatchNormWindow | None = None) -> None:
         self.accum_steps = accum_steps
+        self.batch_norm = batch_norm
         self.item_scale: float | None = None
         """``c``: the rank-consistent items per micro-step the window's losses are scaled with (None until known)."""
         self.items_agreed = False
@@ -123,6 +127,8 @@ class WindowLedger:
         self.mode: Mode | None = None
         self.discarded = False
         """A micro-step of this window raised (or discard_window() was called): it must not step."""
+        if self.batch_norm is not None:
+            self.batch_norm.reset()
 
     @property
     def where(self) -> str:
@@ -184,6 +190,7 @@ class WindowLedger:
             float(self.mode == "items"),
             float(self.mode == "mean"),
             float(self.discarded),
+            *(self.batch_norm.local_stats() if self.batch_norm is not None else ()),
         ]
 
     def close(self, totals: list[float], averaged_over: int) -> WindowClose:
@@ -196,7 +203,7 @@ class WindowLedger:
         Raises:
             RuntimeError: some ranks gave ``num_items`` in this window and others did not.
         """
-        items, loss_sum, micro, item_ranks, mean_ranks, discarding_ranks = totals
+        items, loss_sum, micro, item_ranks, mean_ranks, discarding_ranks = totals[:6]
         if item_ranks and mean_ranks:
             raise RuntimeError(
                 f"{int(item_ranks)} rank(s) gave num_items in this window and {int(mean_ranks)} did not; all "
@@ -205,6 +212,8 @@ class WindowLedger:
         micro_steps = int(micro)
         if discarding_ranks:  # some rank's micro-step raised: no rank steps on this window
             return WindowClose(0.0, math.nan, micro_steps, int(items) if item_ranks else None, skip=True)
+        if self.batch_norm is not None:  # the forwards happened, whether or not the optimizer steps
+            self.batch_norm.apply(list(totals[6:]))
         if not item_ranks:
             factor = self.accum_steps * averaged_over / micro_steps
             return WindowClose(factor, loss_sum / micro_steps, micro_steps, None, skip=False)

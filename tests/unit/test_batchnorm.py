@@ -1,0 +1,146 @@
+"""BatchNorm under accumulation: a warning by default, and running statistics equal to the real batch's with
+``batch_norm="exact"``. BatchNorm is the first layer here, so its statistics depend on the data alone and the
+real-batch reference is exact even though per-micro-batch normalization changes the gradients."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from distaccum import Accumulator, BatchPlan
+from tests.helpers.spawn import run_ranks
+
+MICRO, ACCUM, STEPS, FEATURES = 4, 4, 3, 6
+
+
+def bn_model(norm: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(norm, nn.Linear(FEATURES, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def data(image: bool) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    shape = (STEPS, ACCUM * MICRO, FEATURES, 5, 5) if image else (STEPS, ACCUM * MICRO, FEATURES)
+    return torch.randn(*shape, generator=generator) * 3 + 1
+
+
+def image_model(norm: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(norm, nn.Conv2d(FEATURES, 2, 3), nn.Flatten(), nn.Linear(18, 2))
+
+
+def loss_of(output: torch.Tensor) -> torch.Tensor:
+    return output.square().mean()
+
+
+def real_batch_statistics(norm: nn.Module, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The BatchNorm layer alone, one train-mode forward per real batch, not through distaccum."""
+    norm.train()
+    for step in range(STEPS):
+        norm(inputs[step])
+    return {k: v.clone() for k, v in norm.state_dict().items() if k.startswith(("running", "num_batches"))}
+
+
+def accumulated_statistics(model: nn.Module, inputs: torch.Tensor, mode: str) -> tuple[dict, Accumulator]:
+    acc = Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        BatchPlan(accum_steps=ACCUM, micro_batch_size=MICRO),
+        batch_norm=mode,
+    )
+    norm = model[0]
+    for step in range(STEPS):
+        start = norm.running_mean.clone()
+        for index, x in enumerate(inputs[step].split(MICRO)):
+            with acc.micro_step():
+                acc.backward(loss_of(model(x)))
+            if mode == "exact" and index < ACCUM - 1:  # inside the window the buffers stay as they were
+                assert torch.equal(norm.running_mean, start)
+    return {k: v.clone() for k, v in norm.state_dict().items() if k.startswith(("running", "num_batches"))}, acc
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("image", [False, True], ids=["BatchNorm1d", "BatchNorm2d"])
+def test_exact_running_statistics_equal_the_real_batch(momentum, image):
+    norm_type = nn.BatchNorm2d if image else nn.BatchNorm1d
+    inputs = data(image)
+    build = image_model if image else bn_model
+    expected = real_batch_statistics(norm_type(FEATURES, momentum=momentum), inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "exact" does not warn
+        actual, _ = accumulated_statistics(build(norm_type(FEATURES, momentum=momentum)), inputs, "exact")
+    assert int(actual["num_batches_tracked"]) == STEPS  # once per optimizer step
+    for name in ("running_mean", "running_var"):
+        error = float((actual[name] - expected[name]).norm() / expected[name].norm())
+        assert error <= 1e-6, (name, error)
+
+
+def test_per_micro_batch_statistics_differ_from_the_real_batch_and_warn_by_default():
+    inputs = data(False)
+    expected = real_batch_statistics(nn.BatchNorm1d(FEATURES), inputs)
+    with pytest.warns(UserWarning, match=r"1 BatchNorm layer.*updated 4 times per optimizer step.*batch_norm='exact'"):
+        actual, _ = accumulated_statistics(bn_model(nn.BatchNorm1d(FEATURES)), inputs, "warn")
+    assert int(actual["num_batches_tracked"]) == STEPS * ACCUM
+    assert float((actual["running_var"] - expected["running_var"]).norm() / expected["running_var"].norm()) > 1e-2
+
+
+def test_no_warning_when_chosen_or_when_nothing_accumulates():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = bn_model(nn.BatchNorm1d(FEATURES))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        Accumulator(model, optimizer, BatchPlan(accum_steps=2, micro_batch_size=MICRO), batch_norm="per_micro_batch")
+        Accumulator(model, optimizer, BatchPlan(accum_steps=1, micro_batch_size=MICRO))
+    with pytest.raises(ValueError, match=r"batch_norm must be 'warn', 'exact' or 'per_micro_batch', got 'sync'"):
+        Accumulator(model, optimizer, BatchPlan(accum_steps=2, micro_batch_size=MICRO), batch_norm="sync")
+
+
+def test_a_discarded_window_leaves_the_statistics_untouched():
+    model = bn_model(nn.BatchNorm1d(FEATURES))
+    acc = Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        BatchPlan(accum_steps=2, micro_batch_size=MICRO),
+        batch_norm="exact",
+    )
+    before = {k: v.clone() for k, v in model[0].state_dict().items()}
+    for x in data(False)[0].split(MICRO)[:2]:
+        with acc.micro_step():
+            acc.backward(loss_of(model(x)))
+            acc.discard_window()
+    assert acc.last_step.skipped
+    assert all(torch.equal(v, before[k]) for k, v in model[0].state_dict().items())
+
+
+def pooled_over_ranks(rank: int, world_size: int) -> dict:
+    # SyncBatchNorm cannot run on CPU; the pooling it selects is forced on a plain BatchNorm here (dispatch only),
+    # and runs through the real boundary all-reduce of 2 gloo ranks.
+    model = nn.parallel.DistributedDataParallel(bn_model(nn.BatchNorm1d(FEATURES)))
+    plan = BatchPlan(global_batch_size=ACCUM * MICRO, micro_batch_size=MICRO)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), plan, batch_norm="exact")
+    acc._window.batch_norm.synced = [True]
+    inputs = data(False)
+    per_rank = ACCUM * MICRO // world_size
+    for step in range(STEPS):
+        for x in inputs[step][rank * per_rank : (rank + 1) * per_rank].split(MICRO):
+            with acc.micro_step():
+                acc.backward(loss_of(model(x)))
+    norm = model.module[0]
+    return {
+        "mean": norm.running_mean.clone(),
+        "var": norm.running_var.clone(),
+        "tracked": int(norm.num_batches_tracked),
+    }
+
+
+def test_synchronized_statistics_pool_the_window_over_all_ranks():
+    results = run_ranks(pooled_over_ranks)
+    expected = real_batch_statistics(nn.BatchNorm1d(FEATURES), data(False))
+    for result in results:
+        assert result["tracked"] == STEPS
+        for name, key in (("running_mean", "mean"), ("running_var", "var")):
+            error = float((result[key] - expected[name]).norm() / expected[name].norm())
+            assert error <= 1e-6, (name, error)
