@@ -94,3 +94,21 @@ def test_example_docstrings_list_launch_commands_that_exist() -> None:
             assert launcher in doc, f"examples/{name} docstring lacks a `{launcher}` command"
         for referenced in re.findall(r"(?:launch|examples)/[\w./-]+\.(?:py|sh|sbatch|yaml|json)", doc):
             assert (ROOT / referenced).is_file(), f"examples/{name} docstring names missing file {referenced}"
+
+
+NORMS = (
+    "BatchNorm (torch's per-micro-batch updates)",
+    'BatchNorm, batch_norm="exact"',
+    "GroupNorm (8 groups)",
+    "LayerNorm",
+)
+
+
+def test_batchnorm_example_shows_what_accumulation_keeps_exact() -> None:
+    output = launch([sys.executable, EXAMPLES / "batchnorm.py", "--steps", "8"])
+    gaps = {line[:46].strip(): float(line[46:71]) for line in output.splitlines() if line[:46].strip() in NORMS}
+    assert len(gaps) == 4, output
+    batch_norm = [gap for label, gap in gaps.items() if label.startswith("BatchNorm")]
+    per_sample = [gap for label, gap in gaps.items() if not label.startswith("BatchNorm")]
+    assert all(gap <= 1e-12 for gap in per_sample), gaps  # GroupNorm and LayerNorm accumulate exactly
+    assert batch_norm[0] == batch_norm[1] > 1e-3, gaps  # per-micro-batch normalization; exact stats don't change it
