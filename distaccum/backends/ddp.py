@@ -25,7 +25,17 @@ class DDPBackend(Backend):
     def inner(cls, model: nn.Module) -> nn.Module | None:
         return model.module if isinstance(model.module, nn.Module) else None
 
+    def __init__(self, model: nn.Module, world_size: int) -> None:
+        super().__init__(model, world_size)
+        self._graph_recorded = not getattr(model, "static_graph", False)
+
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        if not self._graph_recorded:
+            # DDP(static_graph=True) records its graph in the first backward, which fails under no_sync (torch issue
+            # 143580). That one micro-step syncs instead, which stays exact: the boundary's average of an already
+            # averaged, rank-constant gradient is itself. One extra reduction per run.
+            self._graph_recorded = True
+            return contextlib.nullcontext()
         return self.model.no_sync()  # type: ignore[operator]
 
     def reduce_pending(self, params: Params) -> None:
