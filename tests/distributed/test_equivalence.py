@@ -283,3 +283,51 @@ def test_ddp_flags_that_interact_with_no_sync_stay_exact(flag: str):
         assert len(windows) == STEPS + 1 and all(window[-1] >= 1 for window in windows), windows
         later = windows[1:] if flag == "static_graph" else windows  # static_graph's first micro-step synced once
         assert all(window[:-1] == [0] * (accum_steps - 1) for window in later), windows
+
+
+class Checkpointed(nn.Module):
+    """The test model with its hidden block under activation checkpointing (recomputed in the backward)."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.inner = make_model()
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        first, *rest = list(self.inner)
+        hidden = first(x)
+        block = nn.Sequential(*rest[:-1])
+        hidden = checkpoint(block, hidden, use_reentrant=self.reentrant)
+        return rest[-1](hidden)
+
+
+def train_checkpointed(rank: int, world_size: int, variant: str) -> dict:
+    if variant == "fsdp2-checkpoint-wrapper":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        inner = make_model()
+        inner[2] = checkpoint_wrapper(inner[2])  # non-reentrant, as torchtitan applies it per block
+        model = wrap(inner, "fsdp2", world_size)
+    else:
+        model = wrap(Checkpointed(reentrant=variant == "ddp-reentrant"), "ddp", world_size)
+    acc = Accumulator(
+        model,
+        make_optimizer("sgd", model.parameters()),
+        BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH),
+    )
+    inputs, targets = make_data(STEPS, GLOBAL_BATCH)
+    for step in range(STEPS):
+        for x, y in rank_micro_batches(inputs[step], targets[step], rank, world_size, MICRO_BATCH):
+            with acc.micro_step():
+                acc.backward(loss_fn(model(x), y))
+    return {name.replace("inner.", ""): value for name, value in full_state(model).items()}
+
+
+@pytest.mark.parametrize("variant", ["ddp-non-reentrant", "ddp-reentrant", "fsdp2-checkpoint-wrapper"])
+def test_activation_checkpointing_under_accumulation_equals_the_real_batch(variant: str):
+    results = run_ranks(train_checkpointed, variant, timeout_s=120)
+    expected, _ = reference_run("sgd", STEPS, GLOBAL_BATCH)
+    for state in results:
+        assert max_relative_error(state, expected) <= TOLERANCE[torch.float32]
