@@ -331,3 +331,53 @@ def test_activation_checkpointing_under_accumulation_equals_the_real_batch(varia
     expected, _ = reference_run("sgd", STEPS, GLOBAL_BATCH)
     for state in results:
         assert max_relative_error(state, expected) <= TOLERANCE[torch.float32]
+
+
+def train_compiled(rank: int, world_size: int, variant: str, backend: str) -> dict:
+    """DDP of a compiled model, or FSDP2 over blocks compiled one by one (as torchtitan does)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    module = make_model()
+    if variant == "ddp-of-compiled":
+        model = nn.parallel.DistributedDataParallel(torch.compile(module, backend=backend))
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world_size,))
+        for index in (0, 2, 4):  # compile, then shard, each block (torchtitan's order)
+            module[index] = torch.compile(module[index], backend=backend)
+            fully_shard(module[index], mesh=mesh)
+        model = fully_shard(module, mesh=mesh)
+    acc = Accumulator(
+        model,
+        make_optimizer("sgd", model.parameters()),
+        BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH),
+    )
+    inputs, targets = make_data(STEPS, GLOBAL_BATCH)
+    graphs = []
+    for step in range(STEPS):
+        for x, y in rank_micro_batches(inputs[step], targets[step], rank, world_size, MICRO_BATCH):
+            with acc.micro_step():
+                acc.backward(loss_fn(model(x), y))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    state = full_state(model)
+    return {"graphs": graphs, "state": {k.replace("_orig_mod.", ""): v for k, v in state.items()}}
+
+
+@pytest.mark.parametrize(
+    ("variant", "backend"),
+    [
+        ("ddp-of-compiled", "aot_eager"),
+        ("fsdp2-per-block", "aot_eager"),
+        pytest.param("ddp-of-compiled", "inductor", marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_models_equal_the_real_batch_without_recompiling_at_boundaries(variant: str, backend: str):
+    results = run_ranks(train_compiled, variant, backend, timeout_s=300)
+    expected, _ = reference_run("sgd", STEPS, GLOBAL_BATCH)
+    for result in results:
+        assert max_relative_error(result["state"], expected) <= TOLERANCE[torch.float32]
+        # Every graph exists after the first window (boundary and non-boundary micro-steps included): none after.
+        assert result["graphs"][0] >= 1 and len(set(result["graphs"])) == 1, result["graphs"]
