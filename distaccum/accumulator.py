@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
-from distaccum import backends, collectives, integrations, uneven
+from distaccum import backends, collectives, integrations, precision, uneven
 from distaccum.backends import StepOptions, params_of
 from distaccum.batchnorm import BatchNormMode, BatchNormWindow
 from distaccum.plan import BatchPlan
@@ -80,8 +80,8 @@ class Accumulator:
         self.grad_scaler = grad_scaler
         self.check_ranks = check_ranks
         self._backend = backends.select(model, plan.world_size)
-        collectives.bind_device(model)
         self._backend.check_options(self._options)
+        precision.warn_if_low(params_of(optimizer), plan.accum_steps, self._backend.accumulation_dtype())
         self._window = WindowLedger(plan.accum_steps, BatchNormWindow.attach(model, batch_norm, plan.accum_steps))
         self.last_step: StepResult | None = None
         """Result of the most recent optimizer step (None before the first)."""

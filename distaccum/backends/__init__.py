@@ -13,6 +13,7 @@ import sys
 
 from torch import nn
 
+from distaccum import collectives
 from distaccum.backends.base import Backend, StepOptions, params_of
 
 __all__ = ["REGISTRY", "Backend", "StepOptions", "backend_class", "params_of", "select", "wrapper_of"]
@@ -72,4 +73,5 @@ def select(model: nn.Module, world_size: int) -> Backend:
             "or deepspeed.initialize(model=model, ...). (Under `accelerate launch` without a GPU, set "
             "ACCELERATE_USE_CPU=1 so that Accelerate wraps the model.)"
         )
+    collectives.bind_device(wrapper)  # NCCL's scalars go to the GPU that holds the model
     return chosen(wrapper, world_size)

@@ -87,6 +87,10 @@ class Backend:
     def check_options(self, options: StepOptions) -> None:
         """Refuse step options this wrapper cannot honour, at construction (before any work)."""
 
+    def accumulation_dtype(self) -> torch.dtype | None:
+        """The dtype the wrapper sums a window's gradients in, when it is not the parameters' own (None)."""
+        return None
+
     @property
     def averaging_ranks(self) -> int:
         """How many ranks' gradients a reduction averages over (1 when nothing is reduced)."""

@@ -91,6 +91,11 @@ class FSDP2Backend(_ShardedBackend):
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         return self._no_sync()
 
+    def accumulation_dtype(self) -> torch.dtype | None:
+        # MixedPrecisionPolicy(reduce_dtype=...) keeps the unsharded gradients, summed over the window, in that dtype.
+        policy = getattr(self.model._get_fsdp_state(), "_mp_policy", None)  # type: ignore[operator]
+        return getattr(policy, "reduce_dtype", None)
+
     def _requires_sync(self) -> bool:
         # FSDP2 has a setter but no getter; read the flag the setter writes so that we restore what we found.
         state = self.model._get_fsdp_state()  # type: ignore[operator]

@@ -16,7 +16,7 @@ MAX_LINES = 350
 LAYERS = (
     ("distaccum.dist",),
     ("distaccum.plan",),
-    ("distaccum.batchnorm",),
+    ("distaccum.batchnorm", "distaccum.precision"),
     ("distaccum.collectives", "distaccum.weighting", "distaccum.backends", "distaccum.integrations"),
     ("distaccum.checkpoint_files",),
     ("distaccum.uneven", "distaccum.accumulator", "distaccum"),
