@@ -78,8 +78,12 @@ def device() -> torch.device:
 
 
 def default_backend() -> str:
-    """``nccl`` with CUDA, ``gloo`` otherwise."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """``$DISTACCUM_BACKEND`` when set, else ``nccl`` with CUDA and ``gloo`` otherwise.
+
+    The variable lets a script run unchanged where NCCL cannot, e.g. two ranks sharing one GPU
+    (``DISTACCUM_BACKEND=gloo``: gloo reduces CUDA tensors too).
+    """
+    return os.environ.get("DISTACCUM_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

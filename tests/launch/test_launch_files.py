@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ EXERCISED = {
     ),
     "accelerate/multi_gpu.yaml": "test_accelerate_yamls_load_with_accelerate",
     "accelerate/multi_node.yaml": "test_accelerate_yamls_load_with_accelerate",
+    "gpu_check.sh": "test_gpu_check_sh_dry_run_names_every_step",
 }
 OWNED_ELSEWHERE = ("dev.sh", "deepspeed/", "accelerate/deepspeed.yaml")
 
@@ -271,3 +273,23 @@ def test_launch_scripts_refuse_bad_knobs() -> None:
         timeout=30,
     )
     assert bad.returncode == 2 and "RDZV_BACKEND must be static or c10d, got 'etcd'" in bad.stderr
+
+
+def test_gpu_check_sh_dry_run_names_every_step(tmp_path: Path) -> None:
+    # The GPU check runs only where a GPU is lent; here it must at least parse, plan every step and refuse
+    # to start without its output folder.
+    result = subprocess.run(
+        ["bash", str(LAUNCH / "gpu_check.sh"), str(tmp_path / "out")],
+        env={**user_env(), "DRY_RUN": "1", "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    steps = re.findall(r"^== ([\w-]+):", result.stdout, re.M)
+    assert steps == ["install", "env", "cuda-tests", "one-process", "two-ranks", "nccl-one-rank", "compare", "bench"]
+    for path in re.findall(r"(?:examples|tests)/[\w/]+\.py", result.stdout):
+        assert (ROOT / path).is_file(), path
+    assert "DISTACCUM_BACKEND=gloo" in result.stdout and "--no-deps --no-build-isolation" in result.stdout
+    missing = subprocess.run(["bash", str(LAUNCH / "gpu_check.sh")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "usage: bash launch/gpu_check.sh OUT_DIR" in missing.stderr

@@ -41,6 +41,13 @@ def test_launcher_detection(monkeypatch):
     assert dist.launcher() == "accelerate"
 
 
+def test_backend_follows_the_hardware_unless_the_environment_names_one(monkeypatch):
+    monkeypatch.delenv("DISTACCUM_BACKEND", raising=False)
+    assert dist.default_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+    monkeypatch.setenv("DISTACCUM_BACKEND", "gloo")  # e.g. two ranks sharing one GPU, where NCCL refuses
+    assert dist.default_backend() == "gloo"
+
+
 def test_run_returns_main_result_in_a_single_process():
     assert dist.run(lambda a, b: a + b, 2, b=3) == 5
     assert not dist.is_initialized()
