@@ -14,7 +14,8 @@
 #   two-ranks      the same under torchrun x2 sharing the GPU (DISTACCUM_BACKEND=gloo: NCCL refuses 2 ranks on 1 GPU)
 #   nccl-one-rank  a DDP model over a real one-rank NCCL process group, accumulating 4 micro-batches per step
 #   compare        one process vs two ranks on the GPU, and the NCCL run vs the CPU real batch (max relative error)
-#   bench          distaccum bench on 1 rank, the 16.8M MLP: step time and torch.cuda.max_memory_allocated, k = 1, 8, 64
+#   bench          distaccum bench, 2 ranks sharing the GPU (gloo), the 16.8M MLP: step time and
+#                  torch.cuda.max_memory_allocated at k = 1, 8, 64 (the bench's methods need a process group)
 # Knobs: PYTHON (default python3), STEPS (training steps, default 20), BENCH_ROUNDS (default 5).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -71,7 +72,7 @@ expected, _ = reference_run('sgd', $STEPS, 32)  # one process on the real batch,
 errors['nccl-one-rank vs CPU real batch'] = max_relative_error(torch.load('$OUT/nccl-one-rank-mlp.pt'), expected)
 print(errors)
 sys.exit(0 if max(errors.values()) <= 1e-5 else 1)"
-step bench "$PYTHON" -m distaccum bench --nproc 1 --models mlp --accum-steps 1 8 64 \
+step bench DISTACCUM_BACKEND=gloo "$PYTHON" -m distaccum bench --nproc 2 --models mlp --accum-steps 1 8 64 \
   --methods no_sync distaccum distaccum_items real_batch --rounds "$BENCH_ROUNDS" \
   --json "$OUT/bench.json" --table "$OUT/bench.txt"
 
