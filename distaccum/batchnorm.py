@@ -41,8 +41,11 @@ class BatchNormWindow:
         self._held: dict[int, list[torch.Tensor]] = {}  # the real buffers, while a forward updates copies
         self._stats: dict[int, torch.Tensor] = {}  # per layer: [count, sum per channel, sum of squares per channel]
         for index, layer in enumerate(layers):
-            layer.register_forward_pre_hook(functools.partial(self._before, index))
-            layer.register_forward_hook(functools.partial(self._after, index))
+            handles = (
+                layer.register_forward_pre_hook(functools.partial(self._before, index)),
+                layer.register_forward_hook(functools.partial(self._after, index)),
+            )
+            setattr(layer, _HANDLES, handles)
 
     @classmethod
     def attach(cls, model: nn.Module, mode: BatchNormMode, accum_steps: int) -> BatchNormWindow | None:
@@ -54,6 +57,12 @@ class BatchNormWindow:
         if mode not in ("warn", "exact", "per_micro_batch"):
             raise ValueError(f"batch_norm must be 'warn', 'exact' or 'per_micro_batch', got {mode!r}")
         layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        # An Accumulator built again on the same model replaces the previous one's tracker, whatever the mode:
+        # stale hooks would keep swapping the buffers for copies that nothing applies.
+        for layer in layers:
+            for handle in getattr(layer, _HANDLES, ()):
+                handle.remove()
+            setattr(layer, _HANDLES, ())
         if mode == "warn" and layers and accum_steps > 1:
             warnings.warn(
                 f"the model has {len(layers)} BatchNorm layer(s): under accumulation each normalizes every "
@@ -124,6 +133,7 @@ class BatchNormWindow:
 
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_HANDLES = "_distaccum_batch_norm_hooks"
 
 
 def _buffers(layer: _BatchNorm) -> list[torch.Tensor]:

@@ -144,3 +144,32 @@ def test_synchronized_statistics_pool_the_window_over_all_ranks():
         for name, key in (("running_mean", "mean"), ("running_var", "var")):
             error = float((result[key] - expected[name]).norm() / expected[name].norm())
             assert error <= 1e-6, (name, error)
+
+
+def test_a_second_exact_accumulator_on_the_same_model_replaces_the_first():
+    # A notebook cell run twice, or an accumulator rebuilt after a failed start: one set of hooks, not two
+    # (two would each swap the buffers for copies, and the second restore would leave a copy in place).
+    inputs = data(False)
+    model = bn_model(nn.BatchNorm1d(FEATURES))
+    buffer = model[0].running_mean  # DDP broadcasts the module's buffers by these objects
+    Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        BatchPlan(accum_steps=2, micro_batch_size=MICRO),
+        batch_norm="exact",
+    )
+    actual, _ = accumulated_statistics(model, inputs, "exact")
+    assert model[0].running_mean is buffer
+    expected = real_batch_statistics(nn.BatchNorm1d(FEATURES), inputs)
+    assert int(actual["num_batches_tracked"]) == STEPS
+    for name in ("running_mean", "running_var"):
+        assert float((actual[name] - expected[name]).norm() / expected[name].norm()) <= 1e-6, name
+
+
+def test_rebuilding_without_exact_statistics_removes_the_exact_hooks():
+    inputs = data(False)
+    model = bn_model(nn.BatchNorm1d(FEATURES))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    Accumulator(model, optimizer, BatchPlan(accum_steps=2, micro_batch_size=MICRO), batch_norm="exact")
+    actual, _ = accumulated_statistics(model, inputs, "per_micro_batch")
+    assert int(actual["num_batches_tracked"]) == STEPS * ACCUM  # torch's own updates, not frozen buffers
