@@ -5,7 +5,8 @@
 
 from distaccum.accumulator import Accumulator, StepResult
 from distaccum.plan import BatchPlan
+from distaccum.schedule import BatchSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["Accumulator", "BatchPlan", "StepResult", "__version__"]
+__all__ = ["Accumulator", "BatchPlan", "BatchSchedule", "StepResult", "__version__"]

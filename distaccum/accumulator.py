@@ -12,10 +12,12 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
-from distaccum import backends, collectives, integrations, precision, uneven
+from distaccum import backends, collectives, integrations, precision, resize, uneven
 from distaccum.backends import StepOptions, params_of
 from distaccum.batchnorm import BatchNormMode, BatchNormWindow
 from distaccum.plan import BatchPlan
+from distaccum.schedule import BatchSchedule, PlanTracker
+from distaccum.state import AccumulatorState
 from distaccum.weighting import StepResult, WindowLedger, item_count
 
 __all__ = ["Accumulator", "StepResult"]
@@ -23,14 +25,15 @@ __all__ = ["Accumulator", "StepResult"]
 T = TypeVar("T")
 
 
-class Accumulator:
+class Accumulator(AccumulatorState):
     """Gradient accumulation over ``plan.accum_steps`` micro-batches per optimizer step, on any backend.
 
     Args:
         model: the model the loss comes from: a plain module (one process), ``DistributedDataParallel``,
             FSDP1, an FSDP2 ``fully_shard`` module, or a DeepSpeed engine.
         optimizer: the optimizer over ``model``'s parameters.
-        plan: the batch plan; its ``world_size`` must equal the live one.
+        plan: the batch plan; its ``world_size`` must equal the live one. A :class:`~distaccum.BatchSchedule`
+            instead changes the global batch (``accum_steps``) at window boundaries as samples are consumed.
         scheduler: stepped once per optimizer step that really happened.
         max_grad_norm: clip the window's global gradient norm to this (None: no clipping).
         grad_scaler: a ``torch.amp.GradScaler`` for fp16; unscaled and updated once per step.
@@ -40,6 +43,8 @@ class Accumulator:
         check_ranks: at the first micro-step, check that all ranks agree on the plan and their position.
         batch_norm: ``"exact"``: BatchNorm running statistics updated once per step from the whole window, as the
             real batch would; ``"warn"`` (default) / ``"per_micro_batch"``: torch's (:mod:`distaccum.batchnorm`).
+        auto_micro_batch: the plan's ``micro_batch_size`` is the largest to try; out of memory on any rank makes
+            every rank retry the window with a smaller one (loop over :meth:`split`; :mod:`distaccum.resize`).
 
     Raises:
         ValueError: bad argument, a plan made for another world size, or an unwrapped model on several ranks.
@@ -59,7 +64,7 @@ class Accumulator:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        plan: BatchPlan,
+        plan: BatchPlan | BatchSchedule,
         *,
         scheduler: Any | None = None,
         max_grad_norm: float | None = None,
@@ -67,22 +72,33 @@ class Accumulator:
         on_nonfinite: Literal["skip", "raise"] = "skip",
         check_ranks: bool = True,
         batch_norm: BatchNormMode = "warn",
+        auto_micro_batch: bool = False,
     ) -> None:
-        if not isinstance(plan, BatchPlan):
-            raise TypeError(f"plan must be a distaccum.BatchPlan, got {type(plan).__name__}")
+        self._plans = PlanTracker(plan, auto_micro_batch=auto_micro_batch)
+        plan = self._plans.plan  # a schedule's first stage
         plan.check_world_size()
         optimizer, scheduler, grad_scaler = integrations.adapt(optimizer, scheduler, grad_scaler)
         self._options = StepOptions(max_grad_norm=max_grad_norm, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite)
         self.model = model
         self.optimizer = optimizer
         self.plan = plan
+        """The plan of the open window (a batch schedule's stage; ``auto_micro_batch``'s micro-batch size)."""
+        self.schedule = self._plans.schedule
         self.scheduler = scheduler
         self.grad_scaler = grad_scaler
         self.check_ranks = check_ranks
         self._backend = backends.select(model, plan.world_size)
         self._backend.check_options(self._options)
-        precision.warn_if_low(params_of(optimizer), plan.accum_steps, self._backend.accumulation_dtype())
-        self._window = WindowLedger(plan.accum_steps, BatchNormWindow.attach(model, batch_norm, plan.accum_steps))
+        most = self._plans.largest_accum_steps
+        precision.warn_if_low(params_of(optimizer), most, self._backend.accumulation_dtype())
+        bn = BatchNormWindow.attach(model, batch_norm, most)
+        self._window = WindowLedger(plan.accum_steps, bn, deferred=auto_micro_batch)
+        self._auto = auto_micro_batch
+        if auto_micro_batch:
+            resize.check_model(model, self.backend)
+        self._splitting = False
+        self.micro_batch_retries = 0
+        """Windows started again with a smaller micro-batch after some rank ran out of memory."""
         self.last_step: StepResult | None = None
         """Result of the most recent optimizer step (None before the first)."""
         self.stepped = False
@@ -110,6 +126,12 @@ class Accumulator:
         if self._in_micro_step:
             return self._boundary_now
         return self._window.position + 1 >= self.plan.accum_steps
+
+    @property
+    def consumed_samples(self) -> int:
+        """Samples (all ranks) of the windows closed so far: what a batch schedule, and an LR schedule that must
+        not assume a constant global batch, are keyed on."""
+        return self._plans.consumed_samples
 
     @property
     def backend(self) -> str:
@@ -141,6 +163,8 @@ class Accumulator:
             )
         if self._broken:
             raise RuntimeError(self._broken)
+        if self._auto and not self._splitting:
+            raise RuntimeError("auto_micro_batch=True: run the micro-steps over acc.split(batch), which retries them")
         if self.check_ranks and not self._agreed:
             self._check_agreement()
         boundary = last or self._end_of_data or self._window.position + 1 >= self.plan.accum_steps
@@ -150,8 +174,8 @@ class Accumulator:
         self._boundary_now = boundary
         self._backward_done = False
         self.stepped = False
-        try:
-            with contextlib.nullcontext() if boundary else self._backend.no_sync():
+        try:  # auto_micro_batch: the boundary too, reduced after the ranks agreed that none ran out of memory
+            with contextlib.nullcontext() if boundary and not self._auto else self._backend.no_sync():
                 yield self
             if not self._backward_done:
                 raise RuntimeError(
@@ -159,7 +183,10 @@ class Accumulator:
                     "backward so that all ranks take part in the gradient reduction. Call acc.backward(loss) "
                     "inside the `with` block."
                 )
-        except BaseException:
+        except BaseException as error:
+            if self._auto and resize.is_out_of_memory(error):
+                self._window.out_of_memory = True  # split() takes this rank to the boundary's all-reduce
+                return
             self._abandon_micro_step(boundary)
             raise
         finally:
@@ -214,7 +241,7 @@ class Accumulator:
         if loss.dim() != 0:
             raise ValueError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it (.mean())")
         count = None if num_items is None else item_count(num_items)
-        if self._window.needs_item_agreement(count):
+        if not self._auto and self._window.needs_item_agreement(count):
             # First backward of a run: ranks agree on giving num_items (a rank without it fails here, on every
             # rank, instead of mismatching collectives later) and seed the items-per-micro-step estimate.
             self._window.agree_on_items(*collectives.agree_on_item_mode(count))
@@ -225,7 +252,7 @@ class Accumulator:
         self._backend.backward(scaled)
         self._backward_done = True
 
-    def _finish_window(self, *, local: bool = False) -> None:
+    def _finish_window(self, *, local: bool = False, reduced: bool = False) -> None:
         try:
             if local:  # a boundary that joined no reduction (see _abandon_micro_step): skipped, without collectives
                 window = self._window.close_locally()
@@ -233,15 +260,26 @@ class Accumulator:
                 totals = collectives.sum_checking_step(self._window.local_stats(), self.optimizer_steps)
                 window = self._window.close(totals, self._backend.averaging_ranks)
             params = params_of(self.optimizer)
-            if window.factor != 1.0 and not window.skip:
-                self._backend.scale_grads(params, window.factor)
+            if window.retry:  # some rank ran out of memory: no step; split() runs the window again, smaller
+                self._backend.discard_grads(self.optimizer)
+                self._use(self._plans.use_micro_batch_size(resize.shrink(self), self.optimizer_steps))
+                return
+            factor = 1.0 if window.skip else window.factor
+            if self._auto and not reduced and not window.skip:  # the one reduction, now that no rank ran out
+                if factor * window.before_reduction != 1.0:  # folded into it: one pass over the gradients
+                    self._backend.scale_grads(params, factor * window.before_reduction)
+                self._backend.reduce_pending(params)
+                factor = 1.0
+            if factor != 1.0:
+                self._backend.scale_grads(params, factor)
             grad_norm, skipped = self._backend.step(
                 self.optimizer, params, self._options, skip=window.skip, number=self.optimizer_steps + 1
             )
-            if not skipped and self.scheduler is not None:
-                self.scheduler.step()
             self.optimizer_steps += 1
             self.skipped_steps += int(skipped)
+            self._use(self._plans.advance(window.micro_steps * self.plan.micro_batch_size, self.optimizer_steps))
+            if not skipped and self.scheduler is not None:  # after the counters: it may read consumed_samples
+                self.scheduler.step()
             self.stepped = True
             self.last_step = StepResult(
                 step=self.optimizer_steps,
@@ -277,74 +315,32 @@ class Accumulator:
         if collectives.sum_over_ranks([self._window.position])[0] == 0:
             return None
         self._backend.reduce_pending(params_of(self.optimizer))
-        self._finish_window()
+        self._finish_window(reduced=True)
         return self.last_step
 
     def iterate(self, micro_batches: Iterable[T], *, drop_last: bool = False) -> Iterator[T]:
         """Yield this rank's micro-batches, each to run in one ``acc.micro_step()``, so that ranks whose data ends
         at different points never hang: the window where the first rank runs out is cut to what every rank has
-        and steps as their exact mean (or not at all, ``drop_last=True``); details in :mod:`distaccum.uneven`.
-
-        Example:
-            >>> model = nn.Linear(4, 1)
-            >>> acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
-            ...                   BatchPlan(global_batch_size=8, micro_batch_size=4))
-            >>> for x in acc.iterate(torch.randn(3, 4, 4)):  # 3 micro-batches: one full window and one short
-            ...     with acc.micro_step():
-            ...         acc.backward(model(x).square().mean())
-            >>> acc.optimizer_steps, acc.last_step.micro_steps
-            (2, 1)
+        and steps as their exact mean (or not at all, ``drop_last=True``); details and an example in
+        :mod:`distaccum.uneven`.
         """
         return uneven.iterate(self, micro_batches, drop_last=drop_last)
 
+    def split(self, batch: T) -> Iterator[T]:
+        """Yield ``batch`` (this rank's share of one global batch: a tensor, or a tuple or dict of them) in
+        micro-batches of ``plan.micro_batch_size``, each to run in one ``acc.micro_step()``; the last ends the
+        window. With ``auto_micro_batch``, a window where some rank ran out of memory is yielded again, smaller.
+        """
+        return resize.split(self, batch)
+
     def _check_agreement(self) -> None:
         self._agreed = True
-        collectives.check_plan_agreement(self.plan, self._window.position, self.optimizer_steps)
+        setup = {"auto_micro_batch": int(self._auto), "schedule": self.schedule.fingerprint() if self.schedule else 0}
+        collectives.check_plan_agreement(self.plan, self._window.position, self.optimizer_steps, setup)
 
     def _discard_window(self) -> None:  # local, unsynced gradients of a window that will never step
         self.optimizer.zero_grad(set_to_none=True)
         self._window.reset()
-
-    def state_dict(self, *, include_grads: bool = False) -> dict[str, Any]:
-        """Counters and window position (plain Python values), for exact resume; mid-window also the gradients.
-
-        Args:
-            include_grads: also save the gradients accumulated so far in an unfinished window (under ``"grads"``,
-                one tensor or None per optimizer parameter), so that a resume mid-window loses nothing. Under
-                DDP they are this rank's own unreduced gradients: every rank must save its own state. At a
-                window boundary there are none (they were zeroed by the step) and nothing is added.
-
-        Raises:
-            ValueError: ``include_grads`` mid-window on FSDP or DeepSpeed (private buffers): save at a boundary.
-        """
-        state: dict[str, Any] = {
-            "plan": self.plan.as_dict(),
-            "optimizer_steps": self.optimizer_steps,
-            "skipped_steps": self.skipped_steps,
-            **self._window.state_dict(),
-        }
-        if include_grads and self._window.position:
-            state["grads"] = self._backend.window_grads(params_of(self.optimizer), where=self._window.where)
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the ranks' agreement is checked again at the next micro-step.
-
-        A boundary checkpoint may come from another world size with the same global and micro batch
-        (elastic resume): ``accum_steps`` is this job's plan's, and the optimizer step count carries on.
-
-        Raises:
-            ValueError: the saved plan has another global or micro batch; or another world size while the
-                checkpoint is mid-window; or saved gradients that do not fit this model.
-        """
-        self.plan.check_resume_from(BatchPlan.from_dict(state["plan"]), int(state["micro_step"]))
-        grads = state.get("grads")
-        if grads is not None:
-            self._backend.restore_window_grads(params_of(self.optimizer), grads)
-        self._window.load_state_dict(state, with_grads=grads is not None)
-        self.optimizer_steps = int(state["optimizer_steps"])
-        self.skipped_steps = int(state["skipped_steps"])
-        self._agreed = False
 
     def __repr__(self) -> str:
         return f"Accumulator({self.plan}, {self.backend}, step {self.optimizer_steps}, at {self._window.position})"

@@ -86,16 +86,18 @@ def check_same_on_all_ranks(fields: Sequence[str], values: Sequence[int], *, wha
         raise RuntimeError(f"ranks disagree on {what}: " + "; ".join(problems) + f". {fix}")
 
 
-def check_plan_agreement(plan: BatchPlan, micro_step: int, step: int) -> None:
-    """Start-up check (one all-gather): every rank has the same plan, window position and step.
+def check_plan_agreement(plan: BatchPlan, micro_step: int, step: int, setup: dict[str, int] | None = None) -> None:
+    """Start-up check (one all-gather): every rank has the same plan, window position and step (and ``setup``:
+    more integers that must match, e.g. a batch schedule's fingerprint).
 
     Raises:
         RuntimeError: on every rank, naming each rank and field that differs from rank 0.
     """
     fields = ("global_batch_size", "micro_batch_size", "accum_steps", "world_size")
+    setup = setup or {}
     check_same_on_all_ranks(
-        (*fields, "micro_step", "step"),
-        [*(getattr(plan, field) for field in fields), micro_step, step],
+        (*fields, "micro_step", "step", *setup),
+        [*(getattr(plan, field) for field in fields), micro_step, step, *setup.values()],
         what="the accumulation plan or their position in the window",
         fix="Build the BatchPlan from the same arguments on every rank and load the same checkpoint.",
     )

@@ -10,6 +10,18 @@ are not read further. With ``drop_last=True`` a short last window is not stepped
 counted as dropped), so every optimizer step sees exactly ``global_batch_size`` samples. Uneven ranks are a
 data problem to fix upstream (e.g. ``DistributedSampler``); this makes its cost a few dropped micro-batches
 instead of a hang.
+
+Example:
+    >>> import torch
+    >>> from distaccum import Accumulator, BatchPlan
+    >>> model = torch.nn.Linear(4, 1)
+    >>> acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
+    ...                   BatchPlan(global_batch_size=8, micro_batch_size=4))
+    >>> for x in acc.iterate(torch.randn(3, 4, 4)):  # 3 micro-batches: one full window and one short
+    ...     with acc.micro_step():
+    ...         acc.backward(model(x).square().mean())
+    >>> acc.optimizer_steps, acc.last_step.micro_steps
+    (2, 1)
 """
 
 from __future__ import annotations

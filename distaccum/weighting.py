@@ -89,6 +89,10 @@ class WindowClose:
     """Global item count, in item mode."""
     skip: bool
     """No item anywhere in the window: there is no gradient to take."""
+    before_reduction: float = 1.0
+    """Multiply this rank's own gradients by this before they are reduced (a deferred first ``c``, below)."""
+    retry: bool = False
+    """Some rank ran out of memory (``auto_micro_batch``): start the window again with smaller micro-batches."""
 
 
 def item_count(num_items: int | torch.Tensor) -> int:
@@ -111,9 +115,12 @@ class WindowLedger:
         batch_norm: exact BatchNorm running statistics to pool over the window (:mod:`distaccum.batchnorm`).
     """
 
-    def __init__(self, accum_steps: int, batch_norm: BatchNormWindow | None = None) -> None:
+    def __init__(self, accum_steps: int, batch_norm: BatchNormWindow | None = None, *, deferred: bool = False) -> None:
         self.accum_steps = accum_steps
         self.batch_norm = batch_norm
+        self.deferred = deferred
+        """No collective inside a window (``auto_micro_batch``): until ``c`` is known, each rank scales with its own
+        first count and :meth:`close` makes the ranks' gradients consistent before the reduction."""
         self.item_scale: float | None = None
         """``c``: the rank-consistent items per micro-step the window's losses are scaled with (None until known)."""
         self.items_agreed = False
@@ -125,8 +132,11 @@ class WindowLedger:
         self.items = 0
         self.loss_sum: torch.Tensor | None = None
         self.mode: Mode | None = None
+        self.own_scale: float | None = None  # deferred: this rank's first count of the window
         self.discarded = False
         """A micro-step of this window raised (or discard_window() was called): it must not step."""
+        self.out_of_memory = False
+        """A micro-step ran out of memory under ``auto_micro_batch`` (:mod:`distaccum.resize`)."""
         if self.batch_norm is not None:
             self.batch_norm.reset()
 
@@ -168,8 +178,11 @@ class WindowLedger:
         if count is None:
             scale = 1.0 / self.accum_steps
         else:
+            if self.deferred and self.item_scale is None and self.own_scale is None and count:
+                self.own_scale = float(count)
             # While no rank has seen an item yet, every rank's count is 0 and so is its scale.
-            scale = count / (self.item_scale * self.accum_steps) if self.item_scale else 0.0
+            c = self.item_scale or self.own_scale
+            scale = count / (c * self.accum_steps) if c else 0.0
             self.items += count
             if count == 0:
                 # A mean over zero items is NaN (cross_entropy with all targets ignored); it contributes nothing,
@@ -182,7 +195,7 @@ class WindowLedger:
 
     def local_stats(self) -> list[float]:
         """This rank's window, to be summed over ranks: items, loss sum, micro-steps, item ranks, mean ranks,
-        discarding ranks."""
+        discarding ranks, ranks out of memory."""
         return [
             float(self.items),
             0.0 if self.loss_sum is None else float(self.loss_sum),
@@ -190,6 +203,7 @@ class WindowLedger:
             float(self.mode == "items"),
             float(self.mode == "mean"),
             float(self.discarded),
+            float(self.out_of_memory),
             *(self.batch_norm.local_stats() if self.batch_norm is not None else ()),
         ]
 
@@ -203,7 +217,9 @@ class WindowLedger:
         Raises:
             RuntimeError: some ranks gave ``num_items`` in this window and others did not.
         """
-        items, loss_sum, micro, item_ranks, mean_ranks, discarding_ranks = totals[:6]
+        items, loss_sum, micro, item_ranks, mean_ranks, discarding_ranks, out_of_memory = totals[:7]
+        if out_of_memory:  # before any check: the window's micro-steps did not all run, and it will run again
+            return WindowClose(0.0, math.nan, int(micro), None, skip=True, retry=True)
         if item_ranks and mean_ranks:
             raise RuntimeError(
                 f"{int(item_ranks)} rank(s) gave num_items in this window and {int(mean_ranks)} did not; all "
@@ -213,7 +229,7 @@ class WindowLedger:
         if discarding_ranks:  # some rank's micro-step raised: no rank steps on this window
             return WindowClose(0.0, math.nan, micro_steps, int(items) if item_ranks else None, skip=True)
         if self.batch_norm is not None:  # the forwards happened, whether or not the optimizer steps
-            self.batch_norm.apply(list(totals[6:]))
+            self.batch_norm.apply(list(totals[7:]))
         if not item_ranks:
             factor = self.accum_steps * averaged_over / micro_steps
             return WindowClose(factor, loss_sum / micro_steps, micro_steps, None, skip=False)
@@ -221,11 +237,15 @@ class WindowLedger:
             # No item anywhere in the window: the step is skipped on all ranks, and the mean loss over zero items
             # is NaN, as torch's own cross_entropy reports it.
             return WindowClose(0.0, math.nan, micro_steps, 0, skip=True)
-        assert self.item_scale is not None  # set at the first micro-step where some rank had items
+        before = 1.0
+        if self.item_scale is None:  # deferred: rank r scaled by its own c_r; c_r / c makes every rank's use c
+            assert self.deferred, "c is set at the first micro-step where some rank had items"
+            self.item_scale = items / micro_steps
+            before = (self.own_scale or self.item_scale) / self.item_scale  # no own c: no items, zero gradients
         factor = self.item_scale * self.accum_steps * averaged_over / items
         # Keeps the next window's scaled losses at the size of loss / accum_steps (fp16-safe).
         self.item_scale = items / micro_steps
-        return WindowClose(factor, loss_sum / items, micro_steps, int(items), skip=False)
+        return WindowClose(factor, loss_sum / items, micro_steps, int(items), skip=False, before_reduction=before)
 
     def close_locally(self) -> WindowClose:
         """Close a discarded window that this rank alone ends, without the other ranks: skipped."""

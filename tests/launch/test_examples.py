@@ -88,6 +88,7 @@ def test_example_docstrings_list_launch_commands_that_exist() -> None:
         "accelerate_train.py": ("accelerate launch", "ACCELERATE_USE_CPU=1"),
         "plain_torch.py": ("python examples/plain_torch.py", "torchrun"),
         "with_distaccum.py": ("python examples/with_distaccum.py", "torchrun"),
+        "batches.py": ("python examples/batches.py", "torchrun"),
     }.items():
         doc = (EXAMPLES / name).read_text().split('"""')[1]
         for launcher in launchers:
@@ -112,3 +113,24 @@ def test_batchnorm_example_shows_what_accumulation_keeps_exact() -> None:
     per_sample = [gap for label, gap in gaps.items() if not label.startswith("BatchNorm")]
     assert all(gap <= 1e-12 for gap in per_sample), gaps  # GroupNorm and LayerNorm accumulate exactly
     assert batch_norm[0] == batch_norm[1] > 1e-3, gaps  # per-micro-batch normalization; exact stats don't change it
+
+
+def _table(output: str) -> list[list[str]]:
+    return [line.split() for line in output.splitlines() if re.fullmatch(r"\s*\d+\s+\d+\s+\d+\s+\d+\s+\d+\s.*", line)]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_batches_example_ramps_up_finds_the_micro_batch_and_equals_the_real_batches(ranks: int) -> None:
+    script = [EXAMPLES / "batches.py", "--memory-limit", "6", "--steps", "13"]
+    if ranks == 1:
+        output = launch([sys.executable, *script])
+    else:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        output = launch([torchrun, "--standalone", "--nproc_per_node", "2", *script], user_env())
+    rows = _table(output)
+    # The linear ramp 32 -> 128 by 32 over 768 samples: 8 steps of 32, 4 of 64, then 96; accum = global / (4 x W).
+    assert [int(row[1]) for row in rows] == [32] * 8 + [64] * 4 + [96], output
+    assert [int(row[2]) for row in rows] == [int(row[1]) // (4 * ranks) for row in rows], output
+    assert {row[3] for row in rows} == {"4"}, output  # micro-batch 8 ran out of memory (limit 6); 4 fits
+    gap = float(re.search(r"vs the real batches in one process: (\S+)", output).group(1))
+    assert gap <= 1e-6, output

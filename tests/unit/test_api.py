@@ -10,7 +10,7 @@ import distaccum
 
 
 def test_public_names_are_pinned():
-    assert sorted(distaccum.__all__) == ["Accumulator", "BatchPlan", "StepResult", "__version__"]
+    assert sorted(distaccum.__all__) == ["Accumulator", "BatchPlan", "BatchSchedule", "StepResult", "__version__"]
     # Submodules become attributes once imported; everything else public must be listed in __all__.
     public = {
         name

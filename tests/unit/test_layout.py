@@ -16,10 +16,11 @@ MAX_LINES = 350
 LAYERS = (
     ("distaccum.dist",),
     ("distaccum.plan",),
+    ("distaccum.schedule",),
     ("distaccum.batchnorm", "distaccum.precision"),
     ("distaccum.collectives", "distaccum.weighting", "distaccum.backends", "distaccum.integrations"),
     ("distaccum.checkpoint_files",),
-    ("distaccum.uneven", "distaccum.accumulator", "distaccum"),
+    ("distaccum.uneven", "distaccum.resize", "distaccum.state", "distaccum.accumulator", "distaccum"),
     ("distaccum.checkpoint",),
     ("distaccum.tools", "distaccum.survey", "distaccum.__main__"),
 )

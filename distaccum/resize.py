@@ -1,0 +1,163 @@
+"""Automatic micro-batch size: the largest one that fits, found by out-of-memory retries every rank agrees on.
+
+With ``Accumulator(..., auto_micro_batch=True)`` the plan's ``micro_batch_size`` is the largest to try. Each
+loader batch is this rank's share of one global batch, and ``acc.split(batch)`` yields it in micro-batches, one
+``acc.micro_step()`` each; the global batch never changes, ``accum_steps`` is re-derived from the size in use.
+
+Why no rank can hang: in this mode every micro-step runs without gradient sync, the boundary's too. When a
+forward or backward raises out of memory inside ``micro_step``, that rank stops its window and goes straight to
+the boundary's scalar all-reduce (the one every window makes anyway), with one more number in it: "I ran out of
+memory". The other ranks reach the same all-reduce at the end of their window; their micro-steps so far made
+no collective. All ranks then see the same flag:
+
+* nobody ran out: the window's gradients are all-reduced now (one flat all-reduce, after the last backward
+  instead of overlapped with it: the price of never entering a gradient collective a peer may not join), and
+  the step goes on as usual;
+* some rank did: every rank drops the window's gradients, takes the next smaller size (the largest divisor of
+  every per-rank batch below the one that failed), and ``acc.split`` starts the window again from its first
+  sample. The chosen size is ``acc.plan.micro_batch_size``; it is saved in checkpoints, so a resume does not
+  search again.
+
+Out of memory means ``torch.OutOfMemoryError``, or a ``RuntimeError`` with one of the messages Composer matches
+(:data:`OOM_MESSAGES`). Only wrappers with no collective inside forward or backward qualify (a plain module,
+DDP): FSDP gathers parameters in every forward and ``SyncBatchNorm`` all-gathers statistics, so a rank that
+stopped early would leave its peers in those collectives; they are refused with the alternative. An out of
+memory error in the optimizer step itself is not retried (it raises; peers then wait in their next collective
+until the process group's timeout).
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from distaccum.accumulator import Accumulator
+
+T = TypeVar("T")
+
+OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "HIP out of memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says a device ran out of memory."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(message in str(error) for message in OOM_MESSAGES)
+
+
+def check_model(model: nn.Module, backend: str) -> None:
+    """Refuse setups where a rank that stops early would leave its peers in a collective.
+
+    Raises:
+        ValueError: not a plain module or DDP, DDP ``static_graph``, or ``SyncBatchNorm`` layers.
+    """
+    problem = None
+    if backend not in ("plain", "ddp"):
+        problem = f"{backend} makes collectives inside forward and backward (parameter gathers)"
+    elif getattr(model, "static_graph", False):
+        problem = "DDP(static_graph=True) must sync its first backward, before the ranks could agree"
+    elif any(isinstance(layer, nn.SyncBatchNorm) for layer in model.modules()):
+        problem = "SyncBatchNorm all-gathers statistics in every forward"
+    elif getattr(model, "broadcast_buffers", False) and any(True for _ in model.buffers()):
+        problem = "DDP(broadcast_buffers=True) broadcasts the buffers in every forward; pass broadcast_buffers=False"
+    if problem:
+        raise ValueError(
+            f"auto_micro_batch=True needs a model whose forward and backward make no collective, so that a rank "
+            f"that runs out of memory can stop without leaving its peers in one; here {problem}. Find the size "
+            "once on a plain or DDP model (or one process) and set BatchPlan(micro_batch_size=...)."
+        )
+
+
+def split(acc: Accumulator, batch: T) -> Iterator[T]:
+    """The generator behind :meth:`distaccum.Accumulator.split` (see the module docstring)."""
+    if acc.micro_step_in_window or acc._in_micro_step:
+        raise RuntimeError(
+            f"acc.split(batch) starts a window, but this one is open at micro-step {acc.micro_step_in_window}; "
+            "split every loader batch with acc.split() (or none)"
+        )
+    size = _length(batch)
+    share = acc.plan.global_batch_size // acc.plan.world_size
+    if size != share:
+        raise ValueError(
+            f"acc.split(batch): the batch has {size} samples, but one rank's share of global_batch_size "
+            f"{acc.plan.global_batch_size} over world_size {acc.plan.world_size} is {share}; make the loader's "
+            f"batch_size {share} (acc.plan.global_batch_size // acc.plan.world_size, which a batch schedule changes)"
+        )
+    while True:
+        micro = acc.plan.micro_batch_size
+        acc._splitting = True
+        try:
+            for start in range(0, size, micro):
+                expected = acc._micro_steps_run + 1
+                yield _slice(batch, start, start + micro)
+                if acc._micro_steps_run != expected or acc._in_micro_step:
+                    raise RuntimeError("acc.split() yields one micro-batch per acc.micro_step(): run each inside it")
+                if acc._window.out_of_memory:
+                    break
+        finally:
+            acc._splitting = False
+        if acc._window.out_of_memory:  # this rank stopped early: join the boundary's all-reduce now
+            _release_memory()
+            acc._finish_window()
+        if acc.stepped:
+            return
+        _release_memory()  # another rank ran out: the window starts again at the smaller size
+
+
+def shrink(acc: Accumulator) -> int:
+    """After some rank ran out of memory: the next size, on every rank alike (all saw the same flag).
+
+    Raises:
+        torch.OutOfMemoryError: even the smallest size ran out, on every rank.
+    """
+    failed = acc.plan.micro_batch_size
+    smaller = acc._plans.smaller()
+    if smaller is None:
+        raise torch.OutOfMemoryError(
+            f"distaccum auto_micro_batch: micro_batch_size {failed} ran out of memory on some rank and there is no "
+            "smaller size; the model does not fit one sample per micro-step (shard it: FSDP, DeepSpeed ZeRO)"
+        )
+    acc.micro_batch_retries += 1
+    warnings.warn(
+        f"distaccum auto_micro_batch: micro_batch_size {failed} ran out of memory on some rank; every rank starts "
+        f"the window again with micro_batch_size {smaller} (the global batch is unchanged)",
+        stacklevel=4,
+    )
+    return smaller
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _length(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        if isinstance(item, (torch.Tensor, Mapping, list, tuple)):
+            return _length(item)
+    raise TypeError(
+        "acc.split() cuts tensors (and tuples, lists and dicts holding tensors) along dim 0; got "
+        f"{type(batch).__name__} without a tensor"
+    )
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    """Tensors cut along dim 0; tuples, lists and dicts rebuilt around their cut items; other values kept."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return type(batch)({key: _slice(value, start, stop) for key, value in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, (list, tuple)):
+        items = [_slice(item, start, stop) for item in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch

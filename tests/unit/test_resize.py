@@ -1,0 +1,146 @@
+"""auto_micro_batch in one process: what counts as out of memory, how acc.split() cuts a batch, the retry, and the
+setups it refuses (the multi-rank agreement is in tests/distributed/test_batches.py)."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import nn
+
+from distaccum import Accumulator, BatchPlan, resize
+from tests.helpers.common import loss_fn, make_model
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (torch.OutOfMemoryError("Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"), True),
+        (RuntimeError("CUDA error: out of memory"), True),
+        (RuntimeError("HIP out of memory. Tried to allocate"), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+        (ValueError("CUDA out of memory"), False),
+        (KeyboardInterrupt(), False),
+    ],
+)
+def test_out_of_memory_is_the_torch_error_or_a_cuda_message(error, expected):
+    assert resize.is_out_of_memory(error) is expected
+
+
+def _accumulator(global_batch_size=12, micro=6, auto=True, model=None):
+    model = model or make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plan = BatchPlan(global_batch_size=global_batch_size, micro_batch_size=micro, world_size=1)
+    return model, Accumulator(model, optimizer, plan, auto_micro_batch=auto)
+
+
+Pair = namedtuple("Pair", "x y")
+
+
+def test_split_cuts_tensors_tuples_dicts_and_namedtuples_along_dim_0():
+    model, acc = _accumulator(auto=False, micro=4)
+    x, y = torch.randn(12, 8), torch.randn(12, 4)
+    for batch in ((x, y), [x, y], {"x": x, "y": y, "name": "kept"}, Pair(x, y)):
+        pieces = []
+        for micro in acc.split(batch):
+            pieces.append(micro)
+            first = micro["x"] if isinstance(micro, dict) else micro[0]
+            with acc.micro_step():
+                acc.backward(first.sum() * 0 + loss_fn(model(first), first[:, :4]))
+        assert len(pieces) == 3 and type(pieces[0]) is type(batch)
+        assert torch.equal(torch.cat([p["x"] if isinstance(p, dict) else p[0] for p in pieces]), x)
+        if isinstance(batch, dict):
+            assert pieces[0]["name"] == "kept"
+    assert acc.optimizer_steps == 4
+
+
+def test_split_refuses_a_batch_that_is_not_one_ranks_share():
+    _, acc = _accumulator()
+    with pytest.raises(
+        ValueError, match=r"batch has 10 samples.*share of global_batch_size 12 over world_size 1 is 12"
+    ):
+        next(acc.split(torch.randn(10, 8)))
+    with pytest.raises(TypeError, match="cuts tensors"):
+        next(acc.split(["a", "b"]))
+
+
+def test_auto_micro_batch_needs_split():
+    _, acc = _accumulator()
+    with pytest.raises(RuntimeError, match=r"acc.split\(batch\)"), acc.micro_step():
+        pass
+
+
+class FailsAbove(nn.Module):
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.inner = make_model()
+        self.limit = limit
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise RuntimeError(f"CUDA out of memory. Tried to allocate {x.shape[0]} (test)")
+        return self.inner(x)
+
+
+def test_an_out_of_memory_window_runs_again_smaller_and_equals_the_real_batch():
+    model = FailsAbove(limit=3)
+    reference = make_model()
+    torch.manual_seed(3)
+    x, y = torch.randn(12, 8), torch.randn(12, 4)
+    _, acc = _accumulator(global_batch_size=12, micro=6, model=model)
+    with pytest.warns(UserWarning) as record:
+        for micro_x, micro_y in acc.split((x, y)):
+            with acc.micro_step():
+                acc.backward(loss_fn(model(micro_x), micro_y))
+    messages = [str(warning.message) for warning in record]
+    assert len(messages) == 2
+    assert "micro_batch_size 6 ran out of memory" in messages[0] and "with micro_batch_size 4" in messages[0]
+    assert "micro_batch_size 4 ran out of memory" in messages[1] and "with micro_batch_size 3" in messages[1]
+    # 6 failed, 4 also (> 3), 3 fits: the largest divisor of 12 that fits.
+    assert acc.plan.micro_batch_size == 3 and acc.plan.accum_steps == 4
+    assert acc.micro_batch_retries == 2 and acc.optimizer_steps == 1 and acc.skipped_steps == 0
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    loss_fn(reference(x), y).backward()
+    optimizer.step()
+    for ours, theirs in zip(model.inner.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_retried():
+    _, acc = _accumulator()
+    with pytest.raises(ValueError, match="not memory"):
+        for _ in acc.split(torch.randn(12, 8)):
+            with acc.micro_step():
+                raise ValueError("not memory")
+    assert acc.micro_batch_retries == 0
+
+
+class Buffered(nn.Module):
+    """Stands for a DDP module with buffers (what check_model reads: broadcast_buffers and buffers())."""
+
+    def __init__(self, **attributes) -> None:
+        super().__init__()
+        self.layer = nn.BatchNorm1d(3)
+        self.__dict__.update(attributes)
+
+
+@pytest.mark.parametrize(
+    ("model", "backend", "message"),
+    [
+        (nn.Linear(2, 2), "fsdp2", "fsdp2 makes collectives inside forward"),
+        (nn.Linear(2, 2), "deepspeed", "deepspeed makes collectives"),
+        (Buffered(static_graph=True), "ddp", "static_graph"),
+        (nn.Sequential(nn.SyncBatchNorm(3)), "plain", "SyncBatchNorm"),
+        (Buffered(broadcast_buffers=True), "ddp", "broadcast_buffers=False"),
+    ],
+)
+def test_setups_with_collectives_inside_forward_or_backward_are_refused(model, backend, message):
+    with pytest.raises(ValueError, match=f"auto_micro_batch=True needs.*{message}"):
+        resize.check_model(model, backend)
+
+
+def test_ddp_without_buffer_broadcast_and_a_plain_model_are_accepted():
+    resize.check_model(Buffered(broadcast_buffers=False), "ddp")
+    resize.check_model(make_model(), "plain")
