@@ -95,7 +95,7 @@ class Accumulator(AccumulatorState):
         self._window = WindowLedger(plan.accum_steps, bn, deferred=auto_micro_batch)
         self._auto = auto_micro_batch
         if auto_micro_batch:
-            resize.check_model(model, self.backend)
+            resize.check_model(model, self.backend, batch_norm)
         self._splitting = False
         self.micro_batch_retries = 0
         """Windows started again with a smaller micro-batch after some rank ran out of memory."""

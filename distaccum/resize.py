@@ -51,12 +51,20 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(message in str(error) for message in OOM_MESSAGES)
 
 
-def check_model(model: nn.Module, backend: str) -> None:
-    """Refuse setups where a rank that stops early would leave its peers in a collective.
+def check_model(model: nn.Module, backend: str, batch_norm: str = "exact") -> None:
+    """Refuse setups where a rank that stops early would leave its peers in a collective; warn when a rerun window
+    would update BatchNorm running statistics twice (``batch_norm`` other than ``"exact"``).
 
     Raises:
         ValueError: not a plain module or DDP, DDP ``static_graph``, or ``SyncBatchNorm`` layers.
     """
+    if batch_norm != "exact" and any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in model.modules()):
+        warnings.warn(
+            "auto_micro_batch=True with BatchNorm layers: a window run again after out of memory runs its forwards "
+            "again, and each updates the running statistics, so they would count those micro-batches twice. Pass "
+            "batch_norm='exact' (statistics updated once per step, from the window that stepped).",
+            stacklevel=3,
+        )
     problem = None
     if backend not in ("plain", "ddp"):
         problem = f"{backend} makes collectives inside forward and backward (parameter gathers)"

@@ -172,7 +172,8 @@ def oom(rank: int, world_size: int, short_ranks: tuple[int, ...], limit: int, it
     forward; then a fresh job resumed from the checkpoint (no search again)."""
     inner = make_model()
     fits = FitsUpTo(inner, limit, rank in short_ranks)
-    model = nn.parallel.DistributedDataParallel(fits) if world_size > 1 else fits
+    # Tiny buckets: the gradients are reduced by hand at the boundary, bucket by bucket (several here).
+    model = nn.parallel.DistributedDataParallel(fits, bucket_cap_mb=0.002) if world_size > 1 else fits
     optimizer = make_optimizer("sgd", model.parameters())
     plan = BatchPlan(global_batch_size=OOM_GLOBAL, micro_batch_size=OOM_LARGEST)
     acc = Accumulator(model, optimizer, plan, auto_micro_batch=True)

@@ -108,3 +108,13 @@ def test_accumulator_reports_the_selected_backend():
     model = nn.Linear(2, 1)
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(accum_steps=2, micro_batch_size=1))
     assert acc.backend == "plain" and acc.grads_in_params
+
+
+def test_hand_reduction_buckets_keep_order_dtype_and_the_cap():
+    from distaccum.backends.ddp import buckets
+
+    grads = [torch.zeros(10), torch.zeros(10), torch.zeros(30), torch.zeros(4, dtype=torch.float64), torch.zeros(5)]
+    runs = buckets(grads, cap_bytes=80)  # 20 float32 elements
+    assert [[g.numel() for g in run] for run in runs] == [[10, 10], [30], [4], [5]]
+    assert [g for run in runs for g in run] == grads
+    assert buckets([], 80) == []

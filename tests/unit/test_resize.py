@@ -3,6 +3,7 @@ setups it refuses (the multi-rank agreement is in tests/distributed/test_batches
 
 from __future__ import annotations
 
+import warnings
 from collections import namedtuple
 
 import pytest
@@ -144,3 +145,53 @@ def test_setups_with_collectives_inside_forward_or_backward_are_refused(model, b
 def test_ddp_without_buffer_broadcast_and_a_plain_model_are_accepted():
     resize.check_model(Buffered(broadcast_buffers=False), "ddp")
     resize.check_model(make_model(), "plain")
+
+
+def test_batch_norm_statistics_of_a_rerun_window_warn_unless_exact():
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+    plan = BatchPlan(global_batch_size=8, micro_batch_size=4, world_size=1)
+    with pytest.warns(UserWarning, match="batch_norm='exact'"):
+        Accumulator(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            plan,
+            auto_micro_batch=True,
+            batch_norm="per_micro_batch",
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), plan, auto_micro_batch=True, batch_norm="exact")
+
+
+def test_exact_batch_norm_statistics_count_a_rerun_window_once():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    reference = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    reference.load_state_dict(net.state_dict())
+
+    class Limited(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            out = self.net(x)  # BatchNorm has seen the micro-batch before the "allocation" fails
+            if x.shape[0] > 3:
+                raise torch.OutOfMemoryError("Tried to allocate (test)")
+            return out
+
+    model = Limited()
+    plan = BatchPlan(global_batch_size=12, micro_batch_size=6, world_size=1)
+    acc = Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), plan, auto_micro_batch=True, batch_norm="exact"
+    )
+    x = torch.randn(12, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the retries warn
+        for micro in acc.split(x):
+            with acc.micro_step():
+                acc.backward(model(micro).square().mean())
+    assert acc.plan.micro_batch_size == 3 and acc.optimizer_steps == 1
+    reference(x)  # one forward of the real batch updates the statistics once
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(net[1], name), getattr(reference[1], name), rtol=1e-6, atol=1e-7)
