@@ -10,10 +10,12 @@ Commands::
 
     distaccum survey --out survey-out
     torchrun --nproc_per_node 2 -m distaccum survey --out survey-out
+    distaccum survey --tradeoff --out tradeoff-out     # steps and samples to a target loss per global batch
 
 Modules, in dependency order: ``optional`` (lazy scikit-learn, matplotlib, tqdm), ``data`` (sample streams, the
 digits task), ``curve`` (the record and its stop rule), ``report`` (summary, CSV, plot), ``run``
-(:class:`SurveyConfig`, :func:`lr_survey`) and ``cli`` (``distaccum survey``).
+(:class:`SurveyConfig`, :func:`lr_survey`), ``noise`` (the brute-force gradient noise scale), ``tradeoff`` (the
+critical-batch experiment and McCandlish's fit) and ``cli`` (``distaccum survey``).
 """
 
 from distaccum.tools.survey.cli import add_arguments, run
