@@ -20,7 +20,11 @@ How it measures (the design, and why):
   (``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on GPU, the largest over ranks. A fresh process
   is the only way a peak belongs to one method alone, which is why memory is not measured in the timing job.
 
-Modules, in dependency order: ``models`` and ``counting`` -> ``methods`` -> ``config`` and ``report`` ->
+* **A slow link** (``--link-rate 1Gbit``, Linux and root): the two ranks run as two nodes in network namespaces
+  joined by a ``tc``-shaped veth pair (:mod:`distaccum.tools.bench.netns`, removed afterwards, also on failure),
+  then the same timing job on loopback, next to ``distaccum plan``'s estimate at that rate.
+
+Modules, in dependency order: ``models`` and ``counting`` -> ``methods`` -> ``config``, ``netns`` and ``report`` ->
 ``launch`` (starts the ranks) -> ``cli``; each rank runs ``python -m distaccum.tools.bench.worker``.
 
 Example:

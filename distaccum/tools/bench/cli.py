@@ -11,6 +11,7 @@ from distaccum.tools.bench.config import BenchConfig
 from distaccum.tools.bench.launch import run_benchmark
 from distaccum.tools.bench.methods import METHODS
 from distaccum.tools.bench.models import MODELS
+from distaccum.tools.bench.netns import LinkUnavailable
 from distaccum.tools.bench.report import format_report
 
 
@@ -39,13 +40,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores/ranks)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds per job of ranks")
+    parser.add_argument(
+        "--link-rate",
+        default=None,
+        metavar="RATE",
+        help="run the 2 ranks as two nodes in network namespaces joined by a veth link shaped to RATE (100Mbit, "
+        "1Gbit, 10Gbit; Linux and root only), and the timing job once more on loopback as a baseline; the report "
+        "adds `distaccum plan`'s communication estimate at RATE next to the measured step times",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write all figures as JSON")
     parser.add_argument("--table", type=Path, default=None, metavar="PATH", help="also write the table here")
 
 
-def run(args: argparse.Namespace) -> int:
-    """``distaccum bench``: run, print the table, write ``--json`` / ``--table``."""
-    config = BenchConfig(
+def _config(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
         nproc=args.nproc,
         models=tuple(args.models),
         accum_steps=tuple(args.accum_steps),
@@ -61,8 +69,22 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         seed=args.seed,
         timeout_s=args.timeout,
+        link_rate=args.link_rate,
     )
-    results = run_benchmark(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``distaccum bench``: run, print the table, write ``--json`` / ``--table``; 2 on a bad option or no netns."""
+    try:
+        config = _config(args)  # checks the options, --link-rate with --nproc included
+    except ValueError as error:
+        print(f"distaccum bench: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        results = run_benchmark(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except LinkUnavailable as error:
+        print(f"distaccum bench: error: {error}", file=sys.stderr)
+        return 2
     text = format_report(results)
     print(text)
     if args.json:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from distaccum.tools.bench.methods import METHODS, check_methods
 from distaccum.tools.bench.models import model_spec
+from distaccum.tools.planner import parse_bandwidth
 
 _NEEDS = {
     "accelerate": ("accelerate",),
@@ -65,6 +66,9 @@ class BenchConfig:
     seed: int = 0
     timeout_s: float = 3600.0
     """Upper bound for each job of ranks; a hang fails instead of blocking forever."""
+    link_rate: str | None = None
+    """Run the ranks as two nodes in network namespaces joined by a link of this rate (``100Mbit``, ``10Gbit``;
+    Linux and root only, :mod:`distaccum.tools.bench.netns`), plus a loopback baseline; None: loopback only."""
 
     def __post_init__(self) -> None:
         for name in ("nproc", "rounds", "memory_steps", "timeout_s"):
@@ -80,6 +84,12 @@ class BenchConfig:
         for name in self.models:
             model_spec(name, self.size)
         check_methods(list(self.methods))
+        if self.link_rate is not None:
+            parse_bandwidth(self.link_rate)
+            if self.nproc != 2:
+                raise ValueError(
+                    f"nproc {self.nproc} with link_rate {self.link_rate}: two nodes run one rank each; use --nproc 2"
+                )
 
     @property
     def rank_threads(self) -> int:
@@ -112,6 +122,7 @@ def command_line(config: BenchConfig) -> str:
         *([] if config.size == "full" else [f"--size {config.size}"]),
         *([f"--threads {config.threads}"] if config.threads else []),
         *([f"--seed {config.seed}"] if config.seed else []),
+        *([f"--link-rate {config.link_rate}"] if config.link_rate else []),
     ]
     prefix = "".join(f"{name}={value} " for name, value in allocator_environment().items())
     return prefix + "distaccum bench " + " ".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -19,7 +20,8 @@ import torch
 from distaccum import dist
 from distaccum.tools.bench.config import SWEEP_METHODS, BenchConfig, allocator_environment, command_line
 from distaccum.tools.bench.models import model_spec
-from distaccum.tools.bench.report import summarize
+from distaccum.tools.bench.netns import Node, two_nodes
+from distaccum.tools.bench.report import link_comparison, summarize
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -39,13 +41,20 @@ def environment_for_workers() -> dict[str, str]:
     return env
 
 
-def launch(job: dict[str, Any], nproc: int, timeout_s: float, workdir: Path) -> list[dict[str, Any]]:
+def launch(
+    job: dict[str, Any], nproc: int, timeout_s: float, workdir: Path, *, nodes: tuple[Node, ...] | None = None
+) -> list[dict[str, Any]]:
     """Run ``job`` on ``nproc`` fresh worker processes; return their results in rank order.
+
+    With ``nodes`` (one per rank, from :func:`distaccum.tools.bench.netns.two_nodes`), rank ``r`` runs inside
+    ``nodes[r]``'s network namespace, with the rendezvous on ``nodes[0]``'s address.
 
     Raises:
         TimeoutError: the ranks did not finish in ``timeout_s`` (they are killed first).
         RuntimeError: a rank failed; the message carries the end of its log.
     """
+    if nodes is not None and len(nodes) != nproc:
+        raise ValueError(f"{len(nodes)} nodes for {nproc} ranks: the ranks run one per node")
     for attempt in range(2):
         jobdir = Path(tempfile.mkdtemp(prefix="job-", dir=workdir))
         (jobdir / "spec.json").write_text(json.dumps(job))
@@ -57,32 +66,37 @@ def launch(job: dict[str, Any], nproc: int, timeout_s: float, workdir: Path) -> 
             **environment_for_workers(),
             "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
             "OMP_NUM_THREADS": str(job["threads"]),
-            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_ADDR": nodes[0].address if nodes else "127.0.0.1",
             "MASTER_PORT": str(dist.free_port()),
             "WORLD_SIZE": str(nproc),
             "LOCAL_WORLD_SIZE": str(nproc),
         }
-        processes = []
-        for rank in range(nproc):
-            env = {**base_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            with open(jobdir / f"log-{rank}.txt", "w") as log:
-                command = [sys.executable, "-m", "distaccum.tools.bench.worker", str(jobdir / "spec.json"), str(jobdir)]
-                processes.append(
-                    subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-                )
-        deadline = time.monotonic() + timeout_s
+        processes: list[subprocess.Popen[bytes]] = []
         timed_out = False
-        for process in processes:
-            try:
-                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                break
-        for process in processes:
-            if process.poll() is None:
-                # Each rank leads its own session: this ends it and anything it started (a compiler), nothing else.
-                os.killpg(process.pid, 9)
-                process.wait()
+        try:
+            for rank in range(nproc):
+                env = {**base_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+                command = [sys.executable, "-m", "distaccum.tools.bench.worker", str(jobdir / "spec.json"), str(jobdir)]
+                if nodes:
+                    env.update(nodes[rank].environment())
+                    command = nodes[rank].command(command)  # `ip netns exec` execs it: the pid stays the rank's
+                with open(jobdir / f"log-{rank}.txt", "w") as log:
+                    processes.append(
+                        subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                    )
+            deadline = time.monotonic() + timeout_s
+            for process in processes:
+                try:
+                    process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    break
+        finally:
+            for process in processes:  # also when interrupted (Ctrl-C, SIGTERM): no rank outlives the launch
+                if process.poll() is None:
+                    # Each rank leads its own session: this ends it and anything it started (a compiler), nothing else.
+                    os.killpg(process.pid, 9)
+                    process.wait()
         logs = {rank: _tail(jobdir / f"log-{rank}.txt") for rank in range(nproc)}
         if timed_out:
             raise TimeoutError(
@@ -153,10 +167,18 @@ def run_benchmark(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
     load_before = os.getloadavg()
     cases = _cases(config)
     raw: dict[str, Any] = {"time": [], "memory": []}
-    with tempfile.TemporaryDirectory(prefix="distaccum-bench-") as tmp:
+    link: dict[str, Any] | None = None
+    loopback: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="distaccum-bench-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
+        nodes = None
+        if config.link_rate is not None:
+            two = stack.enter_context(two_nodes(config.link_rate))
+            nodes, link = two.nodes, two.describe()
+            log(f"two nodes over {config.link_rate}: namespaces {', '.join(n.namespace for n in nodes)}")
         log(f"timing {len(cases)} case(s) x {len(config.methods)} methods on {config.nproc} ranks ...")
-        raw["time"] = launch(_job(config, "time", cases, list(config.methods)), config.nproc, config.timeout_s, workdir)
+        time_job = _job(config, "time", cases, list(config.methods))
+        raw["time"] = launch(time_job, config.nproc, config.timeout_s, workdir, nodes=nodes)
         memory_runs: list[tuple[dict[str, Any], str]] = []
         if config.memory:
             wanted = config.accum_steps if config.memory_accum_steps is None else config.memory_accum_steps
@@ -170,9 +192,12 @@ def run_benchmark(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
                 memory_runs += [(case, method) for method in SWEEP_METHODS if (case, method) not in memory_runs]
         for index, (case, method) in enumerate(memory_runs, 1):
             log(f"memory {index}/{len(memory_runs)}: {case['model']} k={case['accum_steps']} {method} ...")
-            raw["memory"].append(
-                launch(_job(config, "memory", [case], [method]), config.nproc, config.timeout_s, workdir)
-            )
+            memory_job = _job(config, "memory", [case], [method])
+            raw["memory"].append(launch(memory_job, config.nproc, config.timeout_s, workdir, nodes=nodes))
+        stack.close()  # the namespaces go before the baseline runs
+        if nodes:
+            log("loopback baseline: the same timing job on this machine's loopback ...")
+            loopback = launch(time_job, config.nproc, config.timeout_s, workdir)
     environment = {
         **_versions(),
         "cpu_count": os.cpu_count(),
@@ -187,4 +212,9 @@ def run_benchmark(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
     }
     models = {name: model_spec(name, config.size).description for name in config.models}
     results = summarize(raw, config=dataclasses.asdict(config), environment=environment, models=models)
+    if link is not None:
+        baseline = summarize({"time": loopback, "memory": []}, config=results["config"], environment={}, models={})
+        results["link"] = link
+        results["loopback_cases"] = baseline["cases"]
+        results["link_comparison"] = link_comparison(results["cases"], baseline["cases"], link, config.nproc)
     return {"command": command_line(config), **results}

@@ -7,6 +7,7 @@ import statistics
 from typing import Any
 
 from distaccum.tools.bench.methods import method_labels
+from distaccum.tools.planner import DEFAULT_LATENCY_S, mode_traffic
 
 MIB = 1024 * 1024
 BASELINE = "no_sync"
@@ -70,6 +71,7 @@ def _summarize_case(ranks: list[dict[str, Any]], memory: dict[tuple[Any, ...], d
             "median_cpu_s": statistics.median(cpu) if cpu else None,
             "gradient_reductions_per_step": _one_or_all({c for r in records for c in r["gradient_reductions"]}),
             "other_collectives_per_step": _one_or_all({c for r in records for c in r["other_collectives"]}),
+            "all_reduce_bytes_per_step": _one_or_all({c for r in records for c in r.get("bytes", [])} or {0}),
             "update_mismatch_vs_no_sync": records[0]["update_mismatch"][0],
             "replicas_agree": all(
                 math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
@@ -90,7 +92,7 @@ def _summarize_case(ranks: list[dict[str, Any]], memory: dict[tuple[Any, ...], d
         entry["peak_vs_no_sync"] = (
             entry["peak_mib"] / base["peak_mib"] if base and base["peak_mib"] and entry["peak_mib"] else None
         )
-    return {**case, "methods": methods}
+    return {**case, "gradient": ranks[0].get("gradient"), "methods": methods}
 
 
 def _sweep(config: dict[str, Any], memory: dict[tuple[Any, ...], dict[str, Any]], micro: dict[str, int]) -> list[Any]:
@@ -176,6 +178,87 @@ def summarize(
     }
 
 
+def _largest(value: int | list[int]) -> int:
+    return value if isinstance(value, int) else max(value)
+
+
+def link_comparison(
+    cases: list[dict[str, Any]], loopback: list[dict[str, Any]], link: dict[str, Any], world_size: int
+) -> list[dict[str, Any]]:
+    """Per case and method: step time over the link and on loopback, next to ``distaccum plan``'s estimate.
+
+    The estimate is the planner's alpha-beta model of a DDP ring all-reduce over ``world_size`` ranks at the link's
+    rate, with as many full-gradient reductions per step as the bench measured (bytes all-reduced / gradient bytes).
+    """
+    rows = []
+    for case, base in zip(cases, loopback, strict=True):
+        grad = case["gradient"]
+        methods = {}
+        for name, entry in case["methods"].items():
+            full = round(_largest(entry["all_reduce_bytes_per_step"]) / grad["bytes"])
+            traffic = mode_traffic("ddp", "every", 1, world_size, full, grad["params"], grad["bytes"] // grad["params"])
+            collectives = traffic["reduce_scatters"] + traffic["all_reduces"]
+            comm = collectives * DEFAULT_LATENCY_S + traffic["bytes_sent_per_rank"] / link["bandwidth_bytes_per_s"]
+            loop = base["methods"][name]
+            methods[name] = {
+                "label": entry["label"],
+                "measured_s": entry["median_s"],
+                "spread": entry["spread"],
+                "loopback_s": loop["median_s"],
+                "measured_minus_loopback_s": entry["median_s"] - loop["median_s"],
+                "gradient_reductions_per_step": entry["gradient_reductions_per_step"],
+                "loopback_gradient_reductions_per_step": loop["gradient_reductions_per_step"],
+                "full_gradient_all_reduces_per_step": full,
+                "bytes_sent_per_rank": traffic["bytes_sent_per_rank"],
+                "estimated_comm_s": comm,
+                "estimated_comm_plus_loopback_s": comm + loop["median_s"],
+            }
+        pair = [methods.get(n) for n in ("sync_every", "distaccum")]
+        ratios = {
+            key: pair[0][key] / pair[1][key] if pair[0] and pair[1] and pair[1][key] else None
+            for key in ("measured_s", "loopback_s", "estimated_comm_plus_loopback_s")
+        }
+        rows.append(
+            {"model": case["model"], "accum_steps": case["accum_steps"], "methods": methods}
+            | {"sync_every_vs_distaccum": ratios}
+        )
+    return rows
+
+
+def _format_link(results: dict[str, Any]) -> list[str]:
+    link = results["link"]
+    lines = [
+        "",
+        f"two nodes over {link['rate']} ({link['bandwidth_bytes_per_s'] / 1e6:g} MB/s each way; {link['shaping']}), "
+        f"one rank per network namespace; the loopback baseline is the same timing job run after it",
+        f"estimate: `distaccum plan`'s alpha-beta model of a DDP ring all-reduce over {results['config']['nproc']} "
+        f"ranks: full-gradient all-reduces x {DEFAULT_LATENCY_S * 1e6:g} us + bytes sent per rank / rate",
+    ]
+    header = (
+        f"{'method':<47} {'link s/step':>11} {'IQR':>5} {'loopback s':>10} {'link-loop':>9} {'grad red.':>9} "
+        f"{'full AR':>7} {'MB sent':>8} {'est. comm s':>11} {'est.+loop':>9}"
+    )
+    for row in results["link_comparison"]:
+        lines += ["", f"{row['model']}, accum_steps {row['accum_steps']}", header, "-" * len(header)]
+        for m in row["methods"].values():
+            counts = _counts(m["gradient_reductions_per_step"])
+            if m["gradient_reductions_per_step"] != m["loopback_gradient_reductions_per_step"]:
+                counts += f" (loopback {_counts(m['loopback_gradient_reductions_per_step'])})"
+            lines.append(
+                f"{m['label']:<47} {m['measured_s']:>11.3f} {m['spread'] * 100:>4.0f}% {m['loopback_s']:>10.3f} "
+                f"{m['measured_minus_loopback_s']:>9.3f} {counts:>9} {m['full_gradient_all_reduces_per_step']:>7} "
+                f"{m['bytes_sent_per_rank'] / 1e6:>8.1f} {m['estimated_comm_s']:>11.3f} "
+                f"{m['estimated_comm_plus_loopback_s']:>9.3f}"
+            )
+        ratio = row["sync_every_vs_distaccum"]
+        lines.append(
+            f"sync_every / distaccum: measured {_fmt(ratio['measured_s'], '.2f')}x over the link, "
+            f"{_fmt(ratio['loopback_s'], '.2f')}x on loopback; estimated (est. comm + loopback) "
+            f"{_fmt(ratio['estimated_comm_plus_loopback_s'], '.2f')}x"
+        )
+    return lines
+
+
 def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
@@ -249,4 +332,6 @@ def format_report(results: dict[str, Any]) -> str:
         f"  memory: max virtual(micro x k)/real(micro) {_fmt(targets['memory_virtual_vs_real_micro_max'], '.3f')} "
         f"(target <= {targets['memory_target']})"
     )
+    if results.get("link"):
+        lines += _format_link(results)
     return "\n".join(lines)

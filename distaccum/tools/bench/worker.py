@@ -4,7 +4,7 @@ Two kinds of job, started by :mod:`distaccum.tools.bench.launch` with ``RANK``/`
 
 * ``time``: one long-lived group builds every method of a case, then runs rounds in which each method does
   one optimizer step on the same micro-batches (the order rotates every round), so machine drift hits all
-  methods alike. Per step it records seconds and the collectives counted while it ran.
+  methods alike. Per step it records seconds, the collectives counted while it ran and the bytes all-reduced.
 * ``memory``: a fresh group builds one method and runs a few steps; peak RSS of the process (or peak CUDA
   memory) is then that method's footprint, with nothing left over from other methods.
 """
@@ -59,11 +59,23 @@ def _context(spec: dict[str, Any], case: dict[str, Any], counter: CommCounter, r
     )
 
 
+class _BytesReduced:
+    """``torch.distributed.all_reduce``, adding up the bytes of every tensor it reduces (all of DDP's buckets)."""
+
+    def __init__(self, all_reduce: Any) -> None:
+        self.all_reduce = all_reduce
+        self.bytes = 0
+
+    def __call__(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.bytes += tensor.numel() * tensor.element_size()
+        return self.all_reduce(tensor, *args, **kwargs)
+
+
 def _flat(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.detach().to("cpu", torch.float64).flatten() for p in params])
 
 
-def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context) -> dict[str, Any]:
+def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context, reduced: _BytesReduced) -> dict[str, Any]:
     names: list[str] = spec["methods"]
     methods: dict[str, Method] = {}
     for name in names:
@@ -72,7 +84,8 @@ def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context) -> dict
     # Accelerate and DeepSpeed may change the thread count when they start; every method gets the same.
     torch.set_num_threads(spec["threads"])
     records: dict[str, dict[str, list[Any]]] = {
-        name: {"seconds": [], "cpu_seconds": [], "gradient_reductions": [], "other_collectives": []} for name in names
+        name: {"seconds": [], "cpu_seconds": [], "gradient_reductions": [], "other_collectives": [], "bytes": []}
+        for name in names
     }
     for round_index in range(spec["warmup"] + spec["rounds"]):
         batches = round_batches(
@@ -90,6 +103,7 @@ def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context) -> dict
             torch_dist.barrier()
             _sync_device(ctx.device)
             ctx.counter.reset()
+            reduced.bytes = 0
             start, cpu_start = time.perf_counter(), time.process_time()
             method.step(prepared)
             _sync_device(ctx.device)
@@ -99,9 +113,15 @@ def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context) -> dict
                 records[name]["cpu_seconds"].append(cpu)
                 records[name]["gradient_reductions"].append(ctx.counter.gradient_reductions)
                 records[name]["other_collectives"].append(ctx.counter.other_collectives)
+                records[name]["bytes"].append(reduced.bytes)
     # Same seed, same data, same number of steps: every method should have made the same update as (b).
     torch.manual_seed(ctx.seed)
-    initial = _flat(list(ctx.spec.build().parameters()))
+    parameters: list[torch.Tensor] = list(ctx.spec.build().parameters())
+    initial = _flat(parameters)
+    gradient = {
+        "params": sum(p.numel() for p in parameters),
+        "bytes": sum(p.numel() * p.element_size() for p in parameters),
+    }
     finals = {name: _flat(methods[name].parameters()) for name in names}
     reference = finals.get("no_sync", finals[names[0]])
     update = float((reference - initial).norm())
@@ -111,24 +131,30 @@ def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context) -> dict
         methods[name].close()
     methods.clear()
     gc.collect()
-    return {**case, "methods": records}
+    return {**case, "gradient": gradient, "methods": records}
 
 
 def time_cases(spec: dict[str, Any]) -> dict[str, Any]:
     """Run every case of a ``time`` job on this rank; returns per-method step times and counts."""
     counter = CommCounter()
-    raw_all_reduce = torch_dist.all_reduce
+    original = torch_dist.all_reduce
+    # Under the counting wrappers, and the DDP hooks' unwrapped all-reduce: every all-reduced byte passes here once.
+    reduced = _BytesReduced(original)
     current: dict[str, Context] = {}
     cases = []
     accelerator = None
-    with counting_collectives(counter, gradient_buffers=lambda: current["ctx"].python_gradient_reductions):
-        for case in spec["cases"]:
-            ctx = _context(spec, case, counter, raw_all_reduce)
-            ctx.accelerator = accelerator
-            current["ctx"] = ctx
-            cases.append(_time_case(spec, case, ctx))
-            accelerator = ctx.accelerator
-            del ctx
+    torch_dist.all_reduce = reduced
+    try:
+        with counting_collectives(counter, gradient_buffers=lambda: current["ctx"].python_gradient_reductions):
+            for case in spec["cases"]:
+                ctx = _context(spec, case, counter, reduced)
+                ctx.accelerator = accelerator
+                current["ctx"] = ctx
+                cases.append(_time_case(spec, case, ctx, reduced))
+                accelerator = ctx.accelerator
+                del ctx
+    finally:
+        torch_dist.all_reduce = original
     return {"cases": cases, "threads": torch.get_num_threads()}
 
 
