@@ -14,7 +14,9 @@ from torch import nn
 
 from distaccum import backends, collectives, integrations, precision, resize, uneven
 from distaccum.backends import StepOptions, params_of
+from distaccum.backends.base import grads_of
 from distaccum.batchnorm import BatchNormMode, BatchNormWindow
+from distaccum.noise import NoiseScale
 from distaccum.plan import BatchPlan
 from distaccum.schedule import BatchSchedule, PlanTracker
 from distaccum.state import AccumulatorState
@@ -45,6 +47,8 @@ class Accumulator(AccumulatorState):
             real batch would; ``"warn"`` (default) / ``"per_micro_batch"``: torch's (:mod:`distaccum.batchnorm`).
         auto_micro_batch: the plan's ``micro_batch_size`` is the largest to try; out of memory on any rank makes
             every rank retry the window with a smaller one (loop over :meth:`split`; :mod:`distaccum.resize`).
+        noise_scale: measure the gradient noise scale into ``last_step.noise_scale``, smoothed with this EMA
+            decay (e.g. 0.95; None: off, no cost): one norm per window (:mod:`distaccum.noise`).
 
     Raises:
         ValueError: bad argument, a plan made for another world size, or an unwrapped model on several ranks.
@@ -73,6 +77,7 @@ class Accumulator(AccumulatorState):
         check_ranks: bool = True,
         batch_norm: BatchNormMode = "warn",
         auto_micro_batch: bool = False,
+        noise_scale: float | None = None,
     ) -> None:
         self._plans = PlanTracker(plan, auto_micro_batch=auto_micro_batch)
         plan = self._plans.plan  # a schedule's first stage
@@ -92,7 +97,8 @@ class Accumulator(AccumulatorState):
         most = self._plans.largest_accum_steps
         precision.warn_if_low(params_of(optimizer), most, self._backend.accumulation_dtype())
         bn = BatchNormWindow.attach(model, batch_norm, most)
-        self._window = WindowLedger(plan.accum_steps, bn, deferred=auto_micro_batch)
+        noise = NoiseScale.checked(noise_scale, self.backend, self.grads_in_params)
+        self._window = WindowLedger(plan.accum_steps, bn, deferred=auto_micro_batch, noise=noise)
         self._auto = auto_micro_batch
         if auto_micro_batch:
             resize.check_model(model, self.backend, batch_norm)
@@ -129,8 +135,7 @@ class Accumulator(AccumulatorState):
 
     @property
     def consumed_samples(self) -> int:
-        """Samples (all ranks) of the windows closed so far: what a batch schedule, and an LR schedule that must
-        not assume a constant global batch, are keyed on."""
+        """Samples (all ranks) in the windows closed so far: what schedules of batch and LR are keyed on."""
         return self._plans.consumed_samples
 
     @property
@@ -179,9 +184,8 @@ class Accumulator(AccumulatorState):
                 yield self
             if not self._backward_done:
                 raise RuntimeError(
-                    "acc.micro_step() ended without acc.backward(loss): every micro-step must run exactly one "
-                    "backward so that all ranks take part in the gradient reduction. Call acc.backward(loss) "
-                    "inside the `with` block."
+                    "acc.micro_step() ended without acc.backward(loss): every micro-step must run exactly one backward "
+                    "so that all ranks take part in the gradient reduction; call acc.backward(loss) in the block."
                 )
         except BaseException as error:
             if self._auto and resize.is_out_of_memory(error):
@@ -251,6 +255,11 @@ class Accumulator(AccumulatorState):
             scaled = self.grad_scaler.scale(scaled)
         self._backend.backward(scaled)
         self._backward_done = True
+        if self._window.noise is not None and self._window.position == 0 and not self._boundary_now:
+            loss_scale = scale * (self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0)
+            self._window.noise.measure(
+                grads_of(params_of(self.optimizer)), loss_scale, count or self.plan.micro_batch_size
+            )
 
     def _finish_window(self, *, local: bool = False, reduced: bool = False) -> None:
         try:
@@ -266,10 +275,7 @@ class Accumulator(AccumulatorState):
                 return
             factor = 1.0 if window.skip else window.factor
             if self._auto and not reduced and not window.skip:  # the one reduction, now that no rank ran out
-                if factor * window.before_reduction != 1.0:  # folded into it: one pass over the gradients
-                    self._backend.scale_grads(params, factor * window.before_reduction)
-                self._backend.reduce_pending(params)
-                factor = 1.0
+                factor = resize.reduce_window(self._backend, params, factor * window.before_reduction)
             if factor != 1.0:
                 self._backend.scale_grads(params, factor)
             grad_norm, skipped = self._backend.step(
@@ -288,6 +294,7 @@ class Accumulator(AccumulatorState):
                 num_items=window.num_items,
                 grad_norm=grad_norm,
                 skipped=skipped,
+                noise_scale=self._window.noise_after_step(window, grad_norm, self.plan.micro_batch_size),
             )
         except BaseException:
             # The boundary work failed (a refusal, on_nonfinite="raise"): its gradients must not reach a later step.
@@ -305,11 +312,8 @@ class Accumulator(AccumulatorState):
             self._window.discarded = True
 
     def flush(self) -> StepResult | None:
-        """Step a short last window at the end of data, normalized by what it really had.
-
-        Collective: every rank must call it (ranks with nothing pending too). Returns the step's result, or
-        None when no rank had a pending micro-step.
-        """
+        """Step a short last window at the end of data, normalized by what it really had. Collective: every rank
+        calls it (those with nothing pending too); returns the step's result, or None when no rank had one."""
         if self._in_micro_step:
             raise RuntimeError("acc.flush() was called inside `with acc.micro_step():`; call it after the loop")
         if collectives.sum_over_ranks([self._window.position])[0] == 0:

@@ -38,6 +38,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from distaccum.accumulator import Accumulator
+    from distaccum.backends import Backend
 
 T = TypeVar("T")
 
@@ -138,6 +139,15 @@ def shrink(acc: Accumulator) -> int:
         stacklevel=4,
     )
     return smaller
+
+
+def reduce_window(backend: Backend, params: list[torch.Tensor], factor: float) -> float:
+    """The window's one gradient reduction, by hand, now that every rank knows none ran out of memory, with the
+    window's ``factor`` folded in (one pass over the gradients); returns the factor still to apply (1.0)."""
+    if factor != 1.0:
+        backend.scale_grads(params, factor)
+    backend.reduce_pending(params)
+    return 1.0
 
 
 def _release_memory() -> None:

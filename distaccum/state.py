@@ -49,6 +49,7 @@ class AccumulatorState:
             "optimizer_steps": self.optimizer_steps,
             "skipped_steps": self.skipped_steps,
             **self._plans.state_dict(),
+            "noise_scale": None if self._window.noise is None else self._window.noise.state_dict(),
             **self._window.state_dict(),
         }
         if include_grads and self._window.position:
@@ -72,6 +73,8 @@ class AccumulatorState:
         self._plans.restore(plan, consumed)
         self._use(plan)
         self._window.load_state_dict(state, with_grads=grads is not None)
+        if self._window.noise is not None and state.get("noise_scale"):
+            self._window.noise.load_state_dict(state["noise_scale"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self._agreed = False

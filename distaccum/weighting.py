@@ -50,6 +50,7 @@ from typing import Any, Literal
 import torch
 
 from distaccum.batchnorm import BatchNormWindow
+from distaccum.noise import NoiseScale
 
 Mode = Literal["items", "mean"]
 
@@ -73,6 +74,9 @@ class StepResult:
     skipped: bool
     """True when the optimizer did not step (non-finite gradient, GradScaler overflow, zero items, a discarded
     window)."""
+    noise_scale: float | None = None
+    """The smoothed gradient noise scale ``B_simple`` in samples (items with ``num_items``), with
+    ``Accumulator(noise_scale=decay)``: around it a bigger batch stops paying (:mod:`distaccum.noise`)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ class WindowClose:
     """Global item count, in item mode."""
     skip: bool
     """No item anywhere in the window: there is no gradient to take."""
+    noise: list[float] | None = None
+    """The noise-scale stats summed over ranks (:meth:`distaccum.noise.NoiseScale.local_stats`)."""
     before_reduction: float = 1.0
     """Multiply this rank's own gradients by this before they are reduced (a deferred first ``c``, below)."""
     retry: bool = False
@@ -115,9 +121,17 @@ class WindowLedger:
         batch_norm: exact BatchNorm running statistics to pool over the window (:mod:`distaccum.batchnorm`).
     """
 
-    def __init__(self, accum_steps: int, batch_norm: BatchNormWindow | None = None, *, deferred: bool = False) -> None:
+    def __init__(
+        self,
+        accum_steps: int,
+        batch_norm: BatchNormWindow | None = None,
+        *,
+        deferred: bool = False,
+        noise: NoiseScale | None = None,
+    ) -> None:
         self.accum_steps = accum_steps
         self.batch_norm = batch_norm
+        self.noise = noise
         self.deferred = deferred
         """No collective inside a window (``auto_micro_batch``): until ``c`` is known, each rank scales with its own
         first count and :meth:`close` makes the ranks' gradients consistent before the reduction."""
@@ -139,6 +153,8 @@ class WindowLedger:
         """A micro-step ran out of memory under ``auto_micro_batch`` (:mod:`distaccum.resize`)."""
         if self.batch_norm is not None:
             self.batch_norm.reset()
+        if self.noise is not None:
+            self.noise.local_stats_reset()
 
     @property
     def where(self) -> str:
@@ -204,6 +220,7 @@ class WindowLedger:
             float(self.mode == "mean"),
             float(self.discarded),
             float(self.out_of_memory),
+            *(self.noise.local_stats() if self.noise is not None else ()),
             *(self.batch_norm.local_stats() if self.batch_norm is not None else ()),
         ]
 
@@ -218,6 +235,7 @@ class WindowLedger:
             RuntimeError: some ranks gave ``num_items`` in this window and others did not.
         """
         items, loss_sum, micro, item_ranks, mean_ranks, discarding_ranks, out_of_memory = totals[:7]
+        noise, totals = (totals[7:10], totals[:7] + totals[10:]) if self.noise is not None else (None, totals)
         if out_of_memory:  # before any check: the window's micro-steps did not all run, and it will run again
             return WindowClose(0.0, math.nan, int(micro), None, skip=True, retry=True)
         if item_ranks and mean_ranks:
@@ -232,7 +250,7 @@ class WindowLedger:
             self.batch_norm.apply(list(totals[7:]))
         if not item_ranks:
             factor = self.accum_steps * averaged_over / micro_steps
-            return WindowClose(factor, loss_sum / micro_steps, micro_steps, None, skip=False)
+            return WindowClose(factor, loss_sum / micro_steps, micro_steps, None, skip=False, noise=noise)
         if not items:
             # No item anywhere in the window: the step is skipped on all ranks, and the mean loss over zero items
             # is NaN, as torch's own cross_entropy reports it.
@@ -245,7 +263,16 @@ class WindowLedger:
         factor = self.item_scale * self.accum_steps * averaged_over / items
         # Keeps the next window's scaled losses at the size of loss / accum_steps (fp16-safe).
         self.item_scale = items / micro_steps
-        return WindowClose(factor, loss_sum / items, micro_steps, int(items), skip=False, before_reduction=before)
+        return WindowClose(
+            factor, loss_sum / items, micro_steps, int(items), skip=False, noise=noise, before_reduction=before
+        )
+
+    def noise_after_step(self, window: WindowClose, grad_norm: float | None, micro_batch_size: int) -> float | None:
+        """The noise scale after ``window``'s step, whose gradient norm was ``grad_norm`` (None: noise scale off)."""
+        if self.noise is None or window.noise is None or grad_norm is None:
+            return None if self.noise is None else self.noise.value
+        big_batch = window.num_items if window.num_items is not None else window.micro_steps * micro_batch_size
+        return self.noise.update(window.noise, grad_norm**2, big_batch)
 
     def close_locally(self) -> WindowClose:
         """Close a discarded window that this rank alone ends, without the other ranks: skipped."""

@@ -17,7 +17,7 @@ LAYERS = (
     ("distaccum.dist",),
     ("distaccum.plan",),
     ("distaccum.schedule",),
-    ("distaccum.batchnorm", "distaccum.precision"),
+    ("distaccum.batchnorm", "distaccum.precision", "distaccum.noise"),
     ("distaccum.collectives", "distaccum.weighting", "distaccum.backends", "distaccum.integrations"),
     ("distaccum.checkpoint_files",),
     ("distaccum.uneven", "distaccum.resize", "distaccum.state", "distaccum.accumulator", "distaccum"),
