@@ -89,6 +89,7 @@ def test_example_docstrings_list_launch_commands_that_exist() -> None:
         "plain_torch.py": ("python examples/plain_torch.py", "torchrun"),
         "with_distaccum.py": ("python examples/with_distaccum.py", "torchrun"),
         "batches.py": ("python examples/batches.py", "torchrun"),
+        "noise_scale.py": ("python examples/noise_scale.py",),
     }.items():
         doc = (EXAMPLES / name).read_text().split('"""')[1]
         for launcher in launchers:
@@ -134,3 +135,14 @@ def test_batches_example_ramps_up_finds_the_micro_batch_and_equals_the_real_batc
     assert {row[3] for row in rows} == {"4"}, output  # micro-batch 8 ran out of memory (limit 6); 4 fits
     gap = float(re.search(r"vs the real batches in one process: (\S+)", output).group(1))
     assert gap <= 1e-6, output
+
+
+def test_noise_scale_example_reports_the_estimate_next_to_the_brute_force() -> None:
+    output = launch([sys.executable, EXAMPLES / "noise_scale.py", "--steps", "12", "--every", "6"])
+    rows = [line.split() for line in output.splitlines() if re.fullmatch(r"\s*\d+\s+[\d.]+\s+[\d.]+(\s+[\d.]+)?", line)]
+    assert [int(row[0]) for row in rows] == list(range(1, 13)), output
+    online = [float(row[2]) for row in rows]
+    exact = [float(row[3]) for row in rows if len(row) == 4]
+    assert len(exact) == 2 and all(value > 0 for value in online + exact), output
+    # The smoothed estimate is of the brute force's order (the committed run: 38-73 against 73 and 58).
+    assert all(exact[0] / 3 < value < exact[0] * 3 for value in online[2:7]), output
