@@ -26,6 +26,9 @@ reduction (buckets split it, same bytes). Estimate: ``collectives x --latency + 
 - ``modes``: ``[]`` without ``--params``; else one object per (wrapper, mode): ``wrapper``, ``mode``,
   ``shard_group``, ``replicas``, ``reduce_scatters``, ``all_reduces``, ``bytes_sent_per_rank``,
   ``grad_bytes_per_rank``, ``grad_sharded``, ``estimate_s`` (null without ``--bandwidth``).
+- ``noise_scale``: null without ``--log`` or ``--noise-scale``; else ``b_simple``, ``source``,
+  ``batch_over_noise_scale``, ``steps_over_min``, ``samples_over_min``, ``model``
+  (:mod:`distaccum.tools.critical_batch`).
 - ``notes``: sentences for a reader.
 """
 
@@ -34,90 +37,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import textwrap
 from collections.abc import Callable
-from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from distaccum.plan import BatchPlan
+from distaccum.tools.critical_batch import LOG_HOWTO, noise_advice, read_noise_scale
+from distaccum.tools.units import (  # re-exported: the bench and users import them from here
+    DTYPES,
+    parse_bandwidth,
+    parse_dtype,
+    parse_latency,
+    parse_params,
+    parse_positive_float,
+    parse_positive_int,
+)
 
 MODES = ("boundary", "sharded", "every")
-DTYPES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 DEFAULT_LATENCY_S = 20e-6
-_COUNT = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-_PREFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-_NUMBER = r"(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)"
-_RATE = re.compile(_NUMBER + r"\s*([kKmMgGtT]i?)?(bits?|bps|b|B|Bps|bytes?)?(?:/s)?")
 _COLUMNS = ("wrapper", "mode", "shard x repl", "reduce-scatter", "all-reduce", "sent/rank", "grad mem/rank", "est.")
-_TIME = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-
-
-def parse_params(text: str) -> int:
-    """A parameter count from ``7e9``, ``7B``, ``125M``, ``16.8M``, ``350K``, ``1.5T``.
-
-    Raises:
-        ValueError: not a positive count.
-
-    Example:
-        >>> parse_params("16.8M")
-        16800000
-    """
-    match = re.fullmatch(_NUMBER + r"\s*([kKmMbBgGtT]?)", text.strip())
-    count = round(Decimal(match.group(1)) * _COUNT[match.group(2).upper()]) if match else 0
-    if count < 1:
-        raise ValueError(
-            f"{text!r} is not a parameter count: it must be a positive number with an optional K, M, B or T "
-            "suffix; write e.g. 7e9, 7B, 125M or 16.8M"
-        )
-    return count
-
-
-def parse_bandwidth(text: str) -> float:
-    """Bytes/s from a link speed: ``100Gbit``, ``400Gbps``, ``25GB`` (bytes/s), ``10Gibit``; a plain number is bits/s.
-
-    Raises:
-        ValueError: a prefix without a unit (``100G``: bits or bytes?), an unknown unit, or not > 0.
-
-    Example:
-        >>> parse_bandwidth("100Gbit")
-        12500000000.0
-    """
-    match = _RATE.fullmatch(text.strip())
-    value = 0.0
-    if match and not (match.group(2) and not match.group(3)):  # "100G": bits or bytes?
-        bits = 8 if match.group(3) in ("B", "Bps", "byte", "bytes") else 1
-        value = float(match.group(1)) * _PREFIX[(match.group(2) or "").lower()] * bits / 8
-    if not 0 < value < math.inf:
-        raise ValueError(
-            f"{text!r} is not a bandwidth: it must be a number > 0 with a unit, in bits ('100Gbit', '100Mbit', "
-            "'400Gbps') or bytes per second ('25GB'); a plain number is bits/s"
-        )
-    return value
-
-
-def parse_latency(text: str) -> float:
-    """Seconds per collective from ``20us``, ``0.5ms``, ``2e-5`` (a plain number is seconds); 0 is allowed."""
-    match = re.fullmatch(_NUMBER + r"\s*(s|ms|us|µs|ns)?", text.strip())
-    if match is None:
-        raise ValueError(f"{text!r} is not a latency: it must be a number >= 0 of seconds, e.g. 20us, 0.5ms, 2e-5")
-    return float(match.group(1)) * _TIME[match.group(2) or ""]
-
-
-def parse_dtype(text: str) -> str:
-    """The short name (``fp32``, ``bf16``, ``fp16``) of a reduce dtype given by either of its names."""
-    name = text.strip().lower().removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"{text!r} is not a gradient dtype: use fp32 (float32), bf16 (bfloat16) or fp16 (float16)")
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
-
-
-def parse_positive_int(text: str) -> int:
-    """A whole number >= 1."""
-    if not re.fullmatch(r"\s*\+?0*[1-9]\d*\s*", text):
-        raise ValueError(f"{text!r} is not a positive whole number: it must be >= 1, e.g. 8")
-    return int(text)
 
 
 def elastic_world_sizes(global_batch_size: int, micro_batch_size: int) -> list[tuple[int, int]]:
@@ -187,10 +127,19 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     _check_divides("--replicas", args.replicas, world, "HSDP needs that many equal groups of shard ranks")
     _check_divides("--nodes", args.nodes, world, "every node runs the same number of ranks")
     elastic = elastic_world_sizes(plan.global_batch_size, plan.micro_batch_size)
+    noise = None
+    if args.log is not None and args.noise_scale is not None:
+        raise ValueError(f"--log {args.log} and --noise-scale {args.noise_scale:g}: give one of them")
+    if args.log is not None:
+        value, count = read_noise_scale(args.log)
+        noise = noise_advice(plan.global_batch_size, value, f"--log {args.log}, the last of {count} values")
+    elif args.noise_scale is not None:
+        noise = noise_advice(plan.global_batch_size, args.noise_scale, "--noise-scale")
     report: dict[str, Any] = {
         "plan": {**plan.as_dict(), "equation": str(plan)},
         "elastic_world_sizes": [{"world_size": n, "accum_steps": steps} for n, steps in elastic],
         **{"gradient": None, "per_step": None, "network": None, "modes": [], "notes": []},
+        "noise_scale": noise,
     }
     if args.params is None:
         report["notes"].append(
@@ -296,6 +245,17 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(
             f"bandwidth {rate * 8 / 1e9:g} Gbit/s = {_bytes(rate)}/s, latency {_seconds(network['latency_s'])}"
         )
+    noise = report["noise_scale"]
+    if noise is not None:
+        lines += [
+            "",
+            f"noise scale B_simple {noise['b_simple']:.4g} ({noise['source']}): global batch "
+            f"{plan['global_batch_size']} = {noise['batch_over_noise_scale']:.3g} x B_simple; by McCandlish et al.'s "
+            f"model that takes {noise['steps_over_min']:.3g} x the fewest steps and {noise['samples_over_min']:.3g} x "
+            "the fewest samples (2 x each at B = B_simple: far above it a bigger batch mostly costs samples, far "
+            "below it, it buys steps almost for free)",
+        ]
+        lines[-1:] = textwrap.wrap(lines[-1], 116)
     return "\n".join(lines + [f"note: {note}" for note in report["notes"]])
 
 
@@ -335,6 +295,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--nodes", type=whole, help="nodes; N > 1: --bandwidth is each node's inter-node link")
     parser.add_argument("--json", action="store_true", help="print one JSON object (keys: see the module docstring)")
+    parser.add_argument(
+        "--log", type=Path, help=f"a JSON-lines log of step results; its last noise_scale is used ({LOG_HOWTO})"
+    )
+    parser.add_argument("--noise-scale", type=_flag(parse_positive_float), help="a measured B_simple, in samples")
 
 
 def run(args: argparse.Namespace) -> int:

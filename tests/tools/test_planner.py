@@ -268,3 +268,48 @@ def test_python_m_distaccum_plan_end_to_end() -> None:
     )
     assert bad.returncode == 2 and "--replicas 3 does not divide --world-size 8" in bad.stderr
     assert "Traceback" not in bad.stderr and bad.stdout == ""
+
+
+SIZES = ("--global-batch-size", "1024", "--micro-batch-size", "16", "--world-size", "8")
+
+
+def test_noise_scale_places_the_batch_on_mccandlish_curve(capsys: pytest.CaptureFixture[str]) -> None:
+    noise = plan_json(capsys, *SIZES, "--noise-scale", "256")["noise_scale"]
+    # B = 4 x B_simple: steps S_min (1 + 1/4), samples E_min (1 + 4).
+    assert noise["batch_over_noise_scale"] == 4.0
+    assert noise["steps_over_min"] == 1.25 and noise["samples_over_min"] == 5.0
+    assert plan_json(capsys, *SIZES)["noise_scale"] is None
+
+
+def test_noise_scale_from_a_training_log_takes_its_last_value(capsys, tmp_path) -> None:
+    log = tmp_path / "steps.jsonl"
+    rows = [{"step": 1, "noise_scale": None}, {"step": 2, "noise_scale": 100.0}, {"step": 3, "noise_scale": 512}]
+    log.write_text("\n".join(json.dumps(row) for row in rows) + "\n\n")
+    noise = plan_json(capsys, *SIZES, "--log", str(log))["noise_scale"]
+    assert noise["b_simple"] == 512.0 and noise["batch_over_noise_scale"] == 2.0
+    assert "the last of 2 values" in noise["source"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("not json\n", "line 1 is not JSON"),
+        ('{"noise_scale": null}\n', "no line has a positive"),
+    ],
+)
+def test_a_log_without_a_noise_scale_is_an_error_that_says_how_to_write_one(capsys, tmp_path, content, message):
+    log = tmp_path / "steps.jsonl"
+    if content is not None:
+        log.write_text(content)
+    error = plan_error(capsys, *SIZES, "--log", str(log))
+    assert f"--log {log}: {message}" in error
+    if content is not None:
+        assert "Accumulator(..., noise_scale=0.95)" in error
+
+
+def test_log_and_noise_scale_together_or_a_bad_noise_scale_are_refused(capsys, tmp_path) -> None:
+    log = tmp_path / "steps.jsonl"
+    log.write_text('{"noise_scale": 3}\n')
+    assert "give one of them" in plan_error(capsys, *SIZES, "--log", str(log), "--noise-scale", "3")
+    assert "--noise-scale" in plan_error(capsys, *SIZES, "--noise-scale", "-1")
