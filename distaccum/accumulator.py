@@ -14,7 +14,7 @@ from torch import nn
 
 from distaccum import backends, collectives, integrations, precision, resize, uneven
 from distaccum.backends import StepOptions, params_of
-from distaccum.backends.base import grads_of
+from distaccum.backends.base import grads_of, warn_if_stale
 from distaccum.batchnorm import BatchNormMode, BatchNormWindow
 from distaccum.noise import NoiseScale
 from distaccum.plan import BatchPlan
@@ -172,6 +172,8 @@ class Accumulator(AccumulatorState):
             raise RuntimeError("auto_micro_batch=True: run the micro-steps over acc.split(batch), which retries them")
         if self.check_ranks and not self._agreed:
             self._check_agreement()
+        if not self._micro_steps_run and not self._window.position:  # the run's first micro-step
+            warn_if_stale(params_of(self.optimizer))
         boundary = last or self._end_of_data or self._window.position + 1 >= self.plan.accum_steps
         self._end_of_data = False
         self._micro_steps_run += 1
@@ -323,18 +325,15 @@ class Accumulator(AccumulatorState):
         return self.last_step
 
     def iterate(self, micro_batches: Iterable[T], *, drop_last: bool = False) -> Iterator[T]:
-        """Yield this rank's micro-batches, each to run in one ``acc.micro_step()``, so that ranks whose data ends
-        at different points never hang: the window where the first rank runs out is cut to what every rank has
-        and steps as their exact mean (or not at all, ``drop_last=True``); details and an example in
-        :mod:`distaccum.uneven`.
-        """
+        """Yield this rank's micro-batches, one per ``acc.micro_step()``, so that ranks whose data ends at different
+        points never hang: the window where the first rank runs out is cut to what every rank has and steps as their
+        exact mean (or not at all, ``drop_last=True``); details and an example in :mod:`distaccum.uneven`."""
         return uneven.iterate(self, micro_batches, drop_last=drop_last)
 
     def split(self, batch: T) -> Iterator[T]:
-        """Yield ``batch`` (this rank's share of one global batch: a tensor, or a tuple or dict of them) in
-        micro-batches of ``plan.micro_batch_size``, each to run in one ``acc.micro_step()``; the last ends the
-        window. With ``auto_micro_batch``, a window where some rank ran out of memory is yielded again, smaller.
-        """
+        """Yield ``batch`` (this rank's share of a global batch: a tensor, or a tuple or dict of them) in micro-batches
+        of ``plan.micro_batch_size``, one per ``acc.micro_step()``; the last ends the window. With ``auto_micro_batch``
+        a window where some rank ran out of memory is yielded again, smaller."""
         return resize.split(self, batch)
 
     def _check_agreement(self) -> None:

@@ -10,9 +10,9 @@ the boundary's scalar all-reduce (the one every window makes anyway), with one m
 memory". The other ranks reach the same all-reduce at the end of their window; their micro-steps so far made
 no collective. All ranks then see the same flag:
 
-* nobody ran out: the window's gradients are all-reduced now (one flat all-reduce, after the last backward
-  instead of overlapped with it: the price of never entering a gradient collective a peer may not join), and
-  the step goes on as usual;
+* nobody ran out: the window's gradients are all-reduced now, bucket by bucket at DDP's ``bucket_cap_mb``, with
+  the window's factor folded in (after the last backward instead of overlapped with it: the price of never
+  entering a gradient collective a peer may not join), and the step goes on as usual;
 * some rank did: every rank drops the window's gradients, takes the next smaller size (the largest divisor of
   every per-rank batch below the one that failed), and ``acc.split`` starts the window again from its first
   sample. The chosen size is ``acc.plan.micro_batch_size``; it is saved in checkpoints, so a resume does not

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -30,6 +31,18 @@ def params_of(optimizer: torch.optim.Optimizer) -> Params:
 def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients that exist."""
     return [p.grad for p in params if p.grad is not None]
+
+
+def warn_if_stale(params: Iterable[torch.Tensor]) -> None:
+    """At a run's first micro-step: gradients already in ``param.grad`` would join the first window's sum."""
+    stale = len(grads_of(params))
+    if stale:
+        warnings.warn(
+            f"{stale} parameter(s) already hold a gradient at the first micro-step (a backward outside "
+            "acc.backward, or a loop that stepped without zero_grad): it would be added to the first window's "
+            "gradient. Call optimizer.zero_grad(set_to_none=True) before the first micro-step.",
+            stacklevel=4,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -379,3 +380,23 @@ def test_unwrapped_model_on_several_ranks_is_an_error(monkeypatch):
     plan = BatchPlan(global_batch_size=16, micro_batch_size=4)
     with pytest.raises(ValueError, match=r"model is a plain Sequential but world_size is 2.*DistributedDataParallel"):
         Accumulator(model, make_optimizer("sgd", model.parameters()), plan)
+
+
+def test_gradients_left_before_the_first_micro_step_are_named_with_the_fix():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn(model(torch.randn(4, 8)), torch.randn(4, 4)).backward()  # e.g. a warm-up backward, never zeroed
+    acc = Accumulator(model, optimizer, BatchPlan(micro_batch_size=4, accum_steps=2, world_size=1))
+    with pytest.warns(UserWarning, match=r"6 parameter\(s\) already hold a gradient.*zero_grad\(set_to_none=True\)"):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(torch.randn(4, 8)), torch.randn(4, 4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: later micro-steps hold the window's own gradients
+        with acc.micro_step():
+            acc.backward(loss_fn(model(torch.randn(4, 8)), torch.randn(4, 4)))
+    optimizer.zero_grad(set_to_none=True)
+    fresh = Accumulator(model, optimizer, BatchPlan(micro_batch_size=4, accum_steps=2, world_size=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with fresh.micro_step():
+            fresh.backward(loss_fn(model(torch.randn(4, 8)), torch.randn(4, 4)))

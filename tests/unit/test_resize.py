@@ -195,3 +195,28 @@ def test_exact_batch_norm_statistics_count_a_rerun_window_once():
     reference(x)  # one forward of the real batch updates the statistics once
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(net[1], name), getattr(reference[1], name), rtol=1e-6, atol=1e-7)
+
+
+def test_a_rerun_window_leaves_the_grad_scaler_as_one_step_would():
+    # The scaler only scales losses inside a window; unscale, the overflow check and update happen at the step,
+    # after the ranks agreed: a window dropped for out of memory leaves no scaler state behind.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model = FailsAbove(limit=3)
+    reference = make_model()
+    x, y = torch.randn(12, 8), torch.randn(12, 4)
+    plan = BatchPlan(global_batch_size=12, micro_batch_size=6, world_size=1)
+    acc = Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), plan, auto_micro_batch=True, grad_scaler=scaler
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the retries warn
+        for micro_x, micro_y in acc.split((x, y)):
+            with acc.micro_step():
+                acc.backward(loss_fn(model(micro_x), micro_y))
+    assert acc.micro_batch_retries == 2 and acc.skipped_steps == 0
+    assert scaler.get_scale() == 2.0**10  # no overflow was recorded; growth needs 2000 good steps
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    loss_fn(reference(x), y).backward()
+    optimizer.step()
+    for ours, theirs in zip(model.inner.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
