@@ -16,7 +16,8 @@ LayerNorm normalize per sample and have no such difference); the second is made 
 
 The default, ``"warn"``, leaves torch's behaviour and warns once when a model with BatchNorm accumulates;
 ``"per_micro_batch"`` chooses torch's behaviour without the warning. Freezing the statistics (BatchNorm layers in
-eval mode) needs nothing from distaccum. A mid-window checkpoint does not keep the open window's statistics.
+eval mode) needs nothing from distaccum. A mid-window checkpoint keeps the open window's statistics with its
+gradients (per rank: plain BatchNorm layers pooled only their own rank's micro-batches).
 """
 
 from __future__ import annotations
@@ -130,6 +131,27 @@ class BatchNormWindow:
     def reset(self) -> None:
         """Start a new window."""
         self._stats.clear()
+
+    def state_dict(self) -> list[list[float]]:
+        """The open window's statistics, per layer (an empty list: no train-mode forward yet), plain floats."""
+        return [self._stats[index].tolist() if index in self._stats else [] for index in range(len(self.layers))]
+
+    def load_state_dict(self, state: list[list[float]]) -> None:
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            ValueError: the statistics were saved for other BatchNorm layers.
+        """
+        widths = [1 + 2 * layer.num_features for layer in self.layers]
+        fits = len(state) == len(widths) and all(
+            not values or len(values) == width for values, width in zip(state, widths, strict=True)
+        )
+        if not fits:
+            raise ValueError(
+                f"the checkpoint's open-window BatchNorm statistics are for other layers ({[len(v) for v in state]} "
+                f"values per layer; this model's BatchNorm layers need {widths}); resume with the model that saved it"
+            )
+        self._stats = {i: torch.tensor(v, dtype=torch.float64) for i, v in enumerate(state) if v}
 
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")

@@ -159,7 +159,8 @@ def save(
         )
     sharded = _layout(model) == "sharded"
     # Raises for FSDP mid-window on every rank before anything is written.
-    grads = accumulator.state_dict(include_grads=True).get("grads") if position else None
+    window = accumulator.state_dict(include_grads=True) if position else {}
+    grads, batch_norm = window.get("grads"), window.get("window_batch_norm")
     root = Path(directory)
     name = f"step-{accumulator.optimizer_steps:08d}" + (f"-micro-{position:04d}" if position else "")
     final = root / name
@@ -184,6 +185,8 @@ def save(
         model_state, optimizer_state = unwrap(model).state_dict(), optimizer.state_dict()
     if grads is not None:
         torch.save(grads, temporary / f"grads-rank{rank:05d}.pt")
+    if batch_norm is not None:  # the open window's BatchNorm statistics, this rank's own as its gradients
+        torch.save(batch_norm, temporary / f"batchnorm-rank{rank:05d}.pt")
     if sharded or grads is not None:
         _barrier()
     if rank == 0:
@@ -277,6 +280,8 @@ def load(
     if meta.get("grads_world_size") == accumulator.plan.world_size:
         grads = files.safe_load(path / f"grads-rank{dist.rank():05d}.pt")
         accumulator_state = {**accumulator_state, "grads": grads}
+        if (path / f"batchnorm-rank{dist.rank():05d}.pt").exists():
+            accumulator_state["window_batch_norm"] = files.safe_load(path / f"batchnorm-rank{dist.rank():05d}.pt")
     # The accumulator first: it refuses another plan (or a mid-window resume on another world size) before
     # anything is overwritten.
     accumulator.load_state_dict(accumulator_state)

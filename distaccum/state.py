@@ -6,6 +6,7 @@ that :mod:`distaccum.checkpoint` can write them with ``weights_only`` loading.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -54,6 +55,8 @@ class AccumulatorState:
         }
         if include_grads and self._window.position:
             state["grads"] = self._backend.window_grads(params_of(self.optimizer), where=self._window.where)
+            if self._window.batch_norm is not None:  # this rank's own, as the gradients
+                state["window_batch_norm"] = self._window.batch_norm.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -67,9 +70,24 @@ class AccumulatorState:
                 checkpoint is mid-window; or saved gradients that do not fit this model.
         """
         plan, consumed = self._plans.resume(state)  # refuses another plan before anything changes
-        grads = state.get("grads")
+        grads, batch_norm = state.get("grads"), state.get("window_batch_norm")
+        if self._window.batch_norm is not None and grads is not None:
+            if batch_norm is None:
+                warnings.warn(
+                    f"loaded a mid-window state (micro-step {state['micro_step']}) without the window's BatchNorm "
+                    "statistics (saved before distaccum kept them): the running statistics of this step will pool "
+                    "only the micro-batches still to come",
+                    stacklevel=2,
+                )
+            else:
+                self._window.batch_norm.load_state_dict(batch_norm)  # checks the layers before anything changes
         if grads is not None:
-            self._backend.restore_window_grads(params_of(self.optimizer), grads)
+            try:
+                self._backend.restore_window_grads(params_of(self.optimizer), grads)
+            except ValueError:
+                if self._window.batch_norm is not None:
+                    self._window.batch_norm.reset()
+                raise
         self._plans.restore(plan, consumed)
         self._use(plan)
         self._window.load_state_dict(state, with_grads=grads is not None)

@@ -173,3 +173,64 @@ def test_rebuilding_without_exact_statistics_removes_the_exact_hooks():
     Accumulator(model, optimizer, BatchPlan(accum_steps=2, micro_batch_size=MICRO), batch_norm="exact")
     actual, _ = accumulated_statistics(model, inputs, "per_micro_batch")
     assert int(actual["num_batches_tracked"]) == STEPS * ACCUM  # torch's own updates, not frozen buffers
+
+
+@pytest.mark.parametrize("through", ["state_dict", "checkpoint"])
+def test_a_mid_window_checkpoint_keeps_the_windows_statistics(through, tmp_path):
+    from distaccum import checkpoint
+
+    inputs = data(False)
+    expected = real_batch_statistics(nn.BatchNorm1d(FEATURES), inputs)
+
+    def build():
+        model = bn_model(nn.BatchNorm1d(FEATURES))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        acc = Accumulator(model, optimizer, BatchPlan(accum_steps=ACCUM, micro_batch_size=MICRO), batch_norm="exact")
+        return model, optimizer, acc
+
+    def train(model, acc, micro_batches):
+        for x in micro_batches:
+            with acc.micro_step():
+                acc.backward(loss_of(model(x)))
+
+    micro_batches = [x for step in range(STEPS) for x in inputs[step].split(MICRO)]
+    stop = ACCUM + 2  # mid-window: the second window has seen 2 of its 4 micro-batches
+    model, optimizer, acc = build()
+    train(model, acc, micro_batches[:stop])
+    if through == "checkpoint":
+        checkpoint.save(tmp_path, model=model, optimizer=optimizer, accumulator=acc, include_grads=True)
+    else:
+        saved = {"model": model.state_dict(), "accumulator": acc.state_dict(include_grads=True)}
+        assert len(saved["accumulator"]["window_batch_norm"][0]) == 1 + 2 * FEATURES
+    model, optimizer, acc = build()  # a new process: new layers, an empty window
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is lost, nothing to warn about
+        if through == "checkpoint":
+            checkpoint.load(tmp_path, model=model, optimizer=optimizer, accumulator=acc)
+        else:
+            model.load_state_dict(saved["model"])
+            acc.load_state_dict(saved["accumulator"])
+    train(model, acc, micro_batches[stop:])
+    actual = {k: v for k, v in model[0].state_dict().items() if k.startswith(("running", "num_batches"))}
+    assert int(actual["num_batches_tracked"]) == STEPS
+    for name in ("running_mean", "running_var"):
+        assert float((actual[name] - expected[name]).norm() / expected[name].norm()) <= 1e-6, name
+
+
+def test_an_old_mid_window_state_without_the_statistics_says_what_is_lost():
+    model = bn_model(nn.BatchNorm1d(FEATURES))
+    plan = BatchPlan(accum_steps=ACCUM, micro_batch_size=MICRO)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), plan, batch_norm="exact")
+    with acc.micro_step():
+        acc.backward(loss_of(model(data(False)[0][:MICRO])))
+    state = acc.state_dict(include_grads=True)
+    del state["window_batch_norm"]
+    fresh = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), plan, batch_norm="exact")
+    with pytest.warns(UserWarning, match="without the window's BatchNorm statistics"):
+        fresh.load_state_dict(state)
+    other = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2))
+    state = acc.state_dict(include_grads=True)
+    state["grads"] = [torch.zeros_like(p) for p in other.parameters()]
+    wrong = Accumulator(other, torch.optim.SGD(other.parameters(), lr=0.1), plan, batch_norm="exact")
+    with pytest.raises(ValueError, match="BatchNorm statistics are for other layers"):
+        wrong.load_state_dict(state)
