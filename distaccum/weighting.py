@@ -190,9 +190,11 @@ class WindowLedger:
                 "micro-step or in none."
             )
         self.mode = mode
-        detached = loss.detach().to(torch.float64)
+        if self.loss_sum is None:  # on the loss's device: summing it costs no host sync
+            self.loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
         if count is None:
             scale = 1.0 / self.accum_steps
+            self.loss_sum.add_(loss.detach())  # one fused op: no float64 copy, no temporary
         else:
             if self.deferred and self.item_scale is None and self.own_scale is None and count:
                 self.own_scale = float(count)
@@ -200,13 +202,12 @@ class WindowLedger:
             c = self.item_scale or self.own_scale
             scale = count / (c * self.accum_steps) if c else 0.0
             self.items += count
-            if count == 0:
+            if count:
+                self.loss_sum.add_(loss.detach(), alpha=count)
+            else:
                 # A mean over zero items is NaN (cross_entropy with all targets ignored); it contributes nothing,
                 # but the backward must still run so that every rank joins the reduction.
                 loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
-                detached = torch.zeros_like(detached)
-            detached = detached * count
-        self.loss_sum = detached if self.loss_sum is None else self.loss_sum + detached
         return loss, scale
 
     def local_stats(self) -> list[float]:
