@@ -128,13 +128,14 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     _check_divides("--nodes", args.nodes, world, "every node runs the same number of ranks")
     elastic = elastic_world_sizes(plan.global_batch_size, plan.micro_batch_size)
     noise = None
-    if args.log is not None and args.noise_scale is not None:
-        raise ValueError(f"--log {args.log} and --noise-scale {args.noise_scale:g}: give one of them")
-    if args.log is not None:
-        value, count = read_noise_scale(args.log)
-        noise = noise_advice(plan.global_batch_size, value, f"--log {args.log}, the last of {count} values")
-    elif args.noise_scale is not None:
-        noise = noise_advice(plan.global_batch_size, args.noise_scale, "--noise-scale")
+    log, noise_scale = getattr(args, "log", None), getattr(args, "noise_scale", None)  # optional for callers
+    if log is not None and noise_scale is not None:
+        raise ValueError(f"--log {log} and --noise-scale {noise_scale:g}: give one of them")
+    if log is not None:
+        value, count = read_noise_scale(log)
+        noise = noise_advice(plan.global_batch_size, value, f"--log {log}, the last of {count} values")
+    elif noise_scale is not None:
+        noise = noise_advice(plan.global_batch_size, noise_scale, "--noise-scale")
     report: dict[str, Any] = {
         "plan": {**plan.as_dict(), "equation": str(plan)},
         "elastic_world_sizes": [{"world_size": n, "accum_steps": steps} for n, steps in elastic],
