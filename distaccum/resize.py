@@ -85,6 +85,10 @@ def check_model(model: nn.Module, backend: str, batch_norm: str = "exact") -> No
 
 def split(acc: Accumulator, batch: T) -> Iterator[T]:
     """The generator behind :meth:`distaccum.Accumulator.split` (see the module docstring)."""
+    if acc._auto and acc._window.discarded and acc.micro_step_in_window and not acc._in_micro_step:
+        # An exception left the last split window open: it joins the boundary's all-reduce now, where the others
+        # end theirs, and is skipped on every rank (no collective inside a window in this mode, so none is missed).
+        acc._finish_window()
     if acc.micro_step_in_window or acc._in_micro_step:
         raise RuntimeError(
             f"acc.split(batch) starts a window, but this one is open at micro-step {acc.micro_step_in_window}; "

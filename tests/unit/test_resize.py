@@ -220,3 +220,23 @@ def test_a_rerun_window_leaves_the_grad_scaler_as_one_step_would():
     optimizer.step()
     for ours, theirs in zip(model.inner.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_a_window_left_by_an_exception_is_skipped_and_the_next_split_goes_on():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(
+        model, optimizer, BatchPlan(global_batch_size=8, micro_batch_size=2, world_size=1), auto_micro_batch=True
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="bad sample"):
+        for index, micro in enumerate(acc.split(torch.randn(8, 8))):
+            with acc.micro_step():
+                if index == 1:
+                    raise ValueError("bad sample")
+                acc.backward(model(micro).square().mean())
+    for micro in acc.split(torch.randn(8, 8)):  # the open, discarded window closes first: skipped, no step
+        with acc.micro_step():
+            acc.backward(model(micro).square().mean())
+    assert acc.optimizer_steps == 2 and acc.skipped_steps == 1
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # the second stepped
