@@ -86,8 +86,6 @@ class Accumulator(AccumulatorState):
         self._options = StepOptions(max_grad_norm=max_grad_norm, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite)
         self.model = model
         self.optimizer = optimizer
-        self.plan = plan
-        """The plan of the open window (a batch schedule's stage; ``auto_micro_batch``'s micro-batch size)."""
         self.schedule = self._plans.schedule
         self.scheduler = scheduler
         self.grad_scaler = grad_scaler
@@ -277,7 +275,8 @@ class Accumulator(AccumulatorState):
                 return
             factor = 1.0 if window.skip else window.factor
             if self._auto and not reduced and not window.skip:  # the one reduction, now that no rank ran out
-                factor = resize.reduce_window(self._backend, params, factor * window.before_reduction)
+                resize.reduce_window(self._backend, params, factor * window.before_reduction)
+                factor = 1.0
             if factor != 1.0:
                 self._backend.scale_grads(params, factor)
             grad_norm, skipped = self._backend.step(

@@ -145,13 +145,12 @@ def shrink(acc: Accumulator) -> int:
     return smaller
 
 
-def reduce_window(backend: Backend, params: list[torch.Tensor], factor: float) -> float:
+def reduce_window(backend: Backend, params: list[torch.Tensor], factor: float) -> None:
     """The window's one gradient reduction, by hand, now that every rank knows none ran out of memory, with the
-    window's ``factor`` folded in (one pass over the gradients); returns the factor still to apply (1.0)."""
+    window's ``factor`` folded in (one pass over the gradients)."""
     if factor != 1.0:
         backend.scale_grads(params, factor)
     backend.reduce_pending(params)
-    return 1.0
 
 
 def _release_memory() -> None:

@@ -20,7 +20,6 @@ from distaccum.weighting import WindowLedger
 class AccumulatorState:
     """The state methods of :class:`~distaccum.Accumulator` (which sets these attributes)."""
 
-    plan: BatchPlan
     optimizer: torch.optim.Optimizer
     optimizer_steps: int
     skipped_steps: int
@@ -29,8 +28,12 @@ class AccumulatorState:
     _backend: Backend
     _agreed: bool
 
-    def _use(self, plan: BatchPlan) -> None:  # at a boundary: the schedule's next stage, or a smaller micro-batch
-        self.plan = plan
+    @property
+    def plan(self) -> BatchPlan:
+        """The plan of the open window (a batch schedule's stage; ``auto_micro_batch``'s micro-batch size)."""
+        return self._plans.plan
+
+    def _use(self, plan: BatchPlan) -> None:  # at a boundary the tracker moved on: the window follows its plan
         self._window.accum_steps = plan.accum_steps
 
     def state_dict(self, *, include_grads: bool = False) -> dict[str, Any]:
