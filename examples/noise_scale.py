@@ -19,32 +19,22 @@ import torch
 from torch import nn
 
 from distaccum import Accumulator, BatchPlan
-from distaccum.tools.survey.data import digits_task
-from distaccum.tools.survey.noise import brute_force_noise_scale
+from distaccum.tools.survey.data import digits_data, digits_task
+from distaccum.tools.survey.noise import brute_force_noise_scale, sampled_noise_scale
 
 MICRO, ACCUM, LR = 16, 8, 0.141
 
 
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn import datasets
-
-    data = datasets.load_digits()
-    inputs = torch.tensor(data.data, dtype=torch.float64)
-    std = inputs.std(dim=0)
-    return (inputs - inputs.mean(dim=0)) / torch.where(std > 0, std, torch.ones_like(std)), torch.tensor(data.target)
-
-
 def brute_force(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """B_simple of the finite set sampled with replacement (population covariance over the squared mean gradient)."""
+    """B_simple of the digits as the micro-batches sample them (with replacement), from every per-sample gradient."""
     exact = brute_force_noise_scale(model, inputs, targets, nn.functional.cross_entropy)
-    count = inputs.shape[0]
-    return exact["trace_sigma"] * (count - 1) / count / (exact["grad_sq"] + exact["trace_sigma"] / count)
+    return sampled_noise_scale(exact, inputs.shape[0])
 
 
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     make_model, _ = digits_task(dtype=torch.float64)
-    inputs, targets = digits()
+    inputs, targets = digits_data(torch.float64)
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     plan = BatchPlan(micro_batch_size=MICRO, accum_steps=ACCUM, world_size=1)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from distaccum import Accumulator, BatchPlan
+from distaccum.tools.survey.noise import brute_force_noise_scale, sampled_noise_scale
 from tests.helpers.common import make_model
 
 POPULATION = 512
@@ -24,18 +25,13 @@ def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
 
 
 def brute_force() -> float:
-    """B_simple = tr(Sigma) / |G|^2 over the population, from every per-sample gradient (no estimator)."""
-    model = make_model(torch.float64)
+    """B_simple = tr(Sigma) / |G|^2 of the population as micro-batches sample it (with replacement), from every
+    per-sample gradient (no estimator)."""
     inputs, targets = population()
-    rows = []
-    for index in range(POPULATION):
-        model.zero_grad()
-        per_sample_loss(model, inputs[index : index + 1], targets[index : index + 1]).sum().backward()
-        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    grads = torch.stack(rows)
-    mean = grads.mean(dim=0)
-    trace_sigma = (grads - mean).square().sum(dim=1).mean()  # population covariance: sampling with replacement
-    return float(trace_sigma / mean.square().sum())
+    exact = brute_force_noise_scale(
+        make_model(torch.float64), inputs, targets, lambda output, target: (output - target).square().sum(dim=1).mean()
+    )
+    return sampled_noise_scale(exact, POPULATION)
 
 
 def measure(rank: int, world_size: int, windows: int, micro: int, accum: int, decay: float) -> list[float | None]:

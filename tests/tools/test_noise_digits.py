@@ -9,29 +9,15 @@ import torch
 from torch import nn
 
 from distaccum import Accumulator, BatchPlan
-from distaccum.tools.survey.data import digits_task
-from distaccum.tools.survey.noise import brute_force_noise_scale
+from distaccum.tools.survey.data import digits_data, digits_task
+from distaccum.tools.survey.noise import brute_force_noise_scale, sampled_noise_scale
 
 pytest.importorskip("sklearn", reason="the digits come from scikit-learn (pip install 'distaccum[survey]')")
 
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn import datasets
-
-    digits = datasets.load_digits()
-    inputs = torch.tensor(digits.data, dtype=torch.float64)
-    std = inputs.std(dim=0)
-    inputs = (inputs - inputs.mean(dim=0)) / torch.where(std > 0, std, torch.ones_like(std))
-    return inputs, torch.tensor(digits.target)
-
-
 def _with_replacement_value(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """B_simple of the finite set that micro-batches are drawn from with replacement: population covariance over
-    the squared mean gradient (the brute force's unbiased values, converted back)."""
     exact = brute_force_noise_scale(model, inputs, targets, nn.functional.cross_entropy)
-    count = inputs.shape[0]
-    trace = exact["trace_sigma"] * (count - 1) / count
-    return trace / (exact["grad_sq"] + exact["trace_sigma"] / count)
+    return sampled_noise_scale(exact, inputs.shape[0])
 
 
 def _estimates(model, inputs, targets, micro, accum, windows, decay, seed):
@@ -51,7 +37,7 @@ def _estimates(model, inputs, targets, micro, accum, windows, decay, seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_noise_scale_at_initialization_matches_brute_force(seed):
     make_model, _ = digits_task(dtype=torch.float64)
-    inputs, targets = _digits()
+    inputs, targets = digits_data(torch.float64)
     exact = _with_replacement_value(make_model(), inputs, targets)  # ~73 samples
     estimate = _estimates(make_model(), inputs, targets, micro=16, accum=8, windows=300, decay=0.995, seed=seed)[-1]
     assert abs(estimate / exact - 1) <= 0.05, (estimate, exact)  # measured: within 2.1% for seeds 0-2
@@ -59,7 +45,7 @@ def test_noise_scale_at_initialization_matches_brute_force(seed):
 
 def test_noise_scale_after_training_needs_a_window_near_it():
     make_model, _ = digits_task(dtype=torch.float64)
-    inputs, targets = _digits()
+    inputs, targets = digits_data(torch.float64)
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(1)

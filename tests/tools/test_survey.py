@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from distaccum.tools.survey import (
     lr_survey,
     summarize,
 )
+from tests.helpers.fixtures import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 REPO = Path(__file__).resolve().parents[2]
 # A short survey that still crosses the whole range: every curve diverges before its 60 steps are over.
@@ -36,15 +36,6 @@ CLI_ARGS = ["-B", "64", "-b", "8", "--lr-min", "1e-2", "--lr-max", "30", "--step
 # |virtual - real| / real before divergence. float64 measures ~1e-13 (README: 3.4e-13, 8e-14 under torchrun); a
 # 1e-12 bound fails on any weighting error. float32 rounding grows to ~1e-4 just before the blow-up.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-12}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # The tiny MLP gains nothing from a second thread, and two threads on two shared cores run 5-10x slower.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def survey_digits(dtype: torch.dtype) -> SurveyResult:

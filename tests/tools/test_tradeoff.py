@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,18 +15,10 @@ from torch import nn
 from distaccum.tools import cli
 from distaccum.tools.survey.noise import brute_force_noise_scale
 from distaccum.tools.survey.tradeoff import digits_split, fit_tradeoff, train_to_target
+from tests.helpers.fixtures import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "survey" / "tradeoff"
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # The tiny MLP gains nothing from a second thread, and two threads on two shared cores run 5-10x slower.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def fit_by_normal_equations(sizes: list[float], steps: list[float]) -> tuple[float, float]:

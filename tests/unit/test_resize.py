@@ -85,6 +85,15 @@ class FailsAbove(nn.Module):
         return self.inner(x)
 
 
+def assert_one_real_step(trained: nn.Module, reference: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``trained`` took the step that SGD (lr 0.1) on the real batch ``x, y`` takes ``reference`` through."""
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    loss_fn(reference(x), y).backward()
+    optimizer.step()
+    for ours, theirs in zip(trained.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
 def test_an_out_of_memory_window_runs_again_smaller_and_equals_the_real_batch():
     model = FailsAbove(limit=3)
     reference = make_model()
@@ -102,11 +111,7 @@ def test_an_out_of_memory_window_runs_again_smaller_and_equals_the_real_batch():
     # 6 failed, 4 also (> 3), 3 fits: the largest divisor of 12 that fits.
     assert acc.plan.micro_batch_size == 3 and acc.plan.accum_steps == 4
     assert acc.micro_batch_retries == 2 and acc.optimizer_steps == 1 and acc.skipped_steps == 0
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    loss_fn(reference(x), y).backward()
-    optimizer.step()
-    for ours, theirs in zip(model.inner.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert_one_real_step(model.inner, reference, x, y)
 
 
 def test_an_error_that_is_not_out_of_memory_is_not_retried():
@@ -215,11 +220,7 @@ def test_a_rerun_window_leaves_the_grad_scaler_as_one_step_would():
                 acc.backward(loss_fn(model(micro_x), micro_y))
     assert acc.micro_batch_retries == 2 and acc.skipped_steps == 0
     assert scaler.get_scale() == 2.0**10  # no overflow was recorded; growth needs 2000 good steps
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    loss_fn(reference(x), y).backward()
-    optimizer.step()
-    for ours, theirs in zip(model.inner.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert_one_real_step(model.inner, reference, x, y)
 
 
 def test_a_window_left_by_an_exception_is_skipped_and_the_next_split_goes_on():

@@ -49,6 +49,19 @@ def stream_batches(inputs: torch.Tensor, targets: torch.Tensor, *, seed: int = 0
     return batches
 
 
+def digits_data(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits (64 pixels, standardized per pixel over the whole set) and their labels.
+
+    Raises:
+        ImportError: scikit-learn is missing (the message names the pip command).
+    """
+    digits = require("sklearn.datasets", "survey").load_digits()
+    inputs = torch.tensor(digits.data, dtype=torch.float64)
+    std = inputs.std(dim=0)
+    inputs = ((inputs - inputs.mean(dim=0)) / torch.where(std > 0, std, torch.ones_like(std))).to(dtype)
+    return inputs, torch.tensor(digits.target, dtype=torch.int64)
+
+
 def digits_task(
     seed: int = 0, hidden: int = 64, dtype: torch.dtype = torch.float32
 ) -> tuple[Callable[[], nn.Module], BatchFn]:
@@ -61,12 +74,7 @@ def digits_task(
     Raises:
         ImportError: scikit-learn is missing (the message names the pip command).
     """
-    datasets = require("sklearn.datasets", "survey")
-    digits = datasets.load_digits()
-    inputs = torch.tensor(digits.data, dtype=torch.float64)
-    std = inputs.std(dim=0)
-    inputs = ((inputs - inputs.mean(dim=0)) / torch.where(std > 0, std, torch.ones_like(std))).to(dtype)
-    targets = torch.tensor(digits.target, dtype=torch.int64)
+    inputs, targets = digits_data(dtype)
 
     def make_model() -> nn.Module:
         torch.manual_seed(seed)

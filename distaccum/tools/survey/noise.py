@@ -89,3 +89,16 @@ def brute_force_noise_scale(
     grad_sq = float(mean.square().sum()) - trace_sigma / count
     b_simple = trace_sigma / grad_sq if grad_sq > 0 else math.inf
     return {"trace_sigma": trace_sigma, "grad_sq": grad_sq, "b_simple": b_simple}
+
+
+def sampled_noise_scale(exact: dict[str, float], count: int) -> float:
+    """``B_simple`` of the ``count`` samples themselves, drawn with replacement (what an online estimate over
+    micro-batches drawn that way measures): population covariance over the squared mean gradient, from
+    :func:`brute_force_noise_scale`'s unbiased values.
+
+    Example:
+        >>> sampled_noise_scale({"trace_sigma": 8.0, "grad_sq": 12.0, "b_simple": 2 / 3}, 2)
+        0.25
+    """
+    trace = exact["trace_sigma"] * (count - 1) / count
+    return trace / (exact["grad_sq"] + exact["trace_sigma"] / count)
