@@ -14,7 +14,7 @@ from torch import nn
 
 from distaccum import backends, collectives, integrations, precision, resize, uneven
 from distaccum.backends import StepOptions, params_of
-from distaccum.backends.base import grads_of, warn_if_stale
+from distaccum.backends.base import StepWindow, grads_of, warn_if_stale
 from distaccum.batchnorm import BatchNormMode, BatchNormWindow
 from distaccum.noise import NoiseScale
 from distaccum.plan import BatchPlan
@@ -49,6 +49,8 @@ class Accumulator(AccumulatorState):
             every rank retry the window with a smaller one (loop over :meth:`split`; :mod:`distaccum.resize`).
         noise_scale: measure the gradient noise scale into ``last_step.noise_scale``, smoothed with this EMA
             decay (e.g. 0.95; None: off, no cost): one norm per window (:mod:`distaccum.noise`).
+        report_grad_norm: compute the global gradient norm into ``last_step.grad_norm`` even without clipping (one
+            read of the gradients per step; with ``max_grad_norm`` or ``noise_scale`` it is computed anyway).
 
     Raises:
         ValueError: bad argument, a plan made for another world size, or an unwrapped model on several ranks.
@@ -78,12 +80,14 @@ class Accumulator(AccumulatorState):
         batch_norm: BatchNormMode = "warn",
         auto_micro_batch: bool = False,
         noise_scale: float | None = None,
+        report_grad_norm: bool = False,
     ) -> None:
         self._plans = PlanTracker(plan, auto_micro_batch=auto_micro_batch)
         plan = self._plans.plan  # a schedule's first stage
         plan.check_world_size()
         optimizer, scheduler, grad_scaler = integrations.adapt(optimizer, scheduler, grad_scaler)
         self._options = StepOptions(max_grad_norm=max_grad_norm, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite)
+        self._norm = max_grad_norm is not None or bool(report_grad_norm) or noise_scale is not None
         self.model = model
         self.optimizer = optimizer
         self.schedule = self._plans.schedule
@@ -119,35 +123,7 @@ class Accumulator(AccumulatorState):
         self._micro_steps_run = 0
         self._broken: str | None = None
 
-    @property
-    def micro_step_in_window(self) -> int:
-        """Micro-steps already taken in the open window (0 right after a step)."""
-        return self._window.position
-
-    @property
-    def is_boundary(self) -> bool:
-        """Inside ``micro_step``: whether it ends the window. Outside: whether the next one will."""
-        if self._in_micro_step:
-            return self._boundary_now
-        return self._window.position + 1 >= self.plan.accum_steps
-
-    @property
-    def consumed_samples(self) -> int:
-        """Samples (all ranks) in the windows closed so far: what schedules of batch and LR are keyed on."""
-        return self._plans.consumed_samples
-
-    @property
-    def backend(self) -> str:
-        """Name of the backend chosen for the model (``plain``, ``ddp``, ``fsdp1``, ``fsdp2``, ``deepspeed``)."""
-        return self._backend.name
-
-    @property
-    def grads_in_params(self) -> bool:
-        """Whether unsynced gradients live in ``param.grad`` (plain, DDP: :meth:`state_dict` can save them)."""
-        return self._backend.grads_in_params
-
-    @contextlib.contextmanager
-    def micro_step(self, *, last: bool = False) -> Iterator[Accumulator]:
+    def micro_step(self, *, last: bool = False) -> MicroStep:
         """Run one forward and backward inside; gradient sync is skipped unless this micro-step ends the window.
 
         Leaving the boundary micro-step runs, once: scaler unscale, clip, step, scaler update, scheduler, zero_grad.
@@ -168,36 +144,42 @@ class Accumulator(AccumulatorState):
             raise RuntimeError(self._broken)
         if self._auto and not self._splitting:
             raise RuntimeError("auto_micro_batch=True: run the micro-steps over acc.split(batch), which retries them")
-        if self.check_ranks and not self._agreed:
+        if not self._agreed and self.check_ranks:
             self._check_agreement()
-        if not self._micro_steps_run and not self._window.position:  # the run's first micro-step
+        position = self._window.position
+        if not position and not self._micro_steps_run:  # the run's first micro-step
             warn_if_stale(params_of(self.optimizer))
-        boundary = last or self._end_of_data or self._window.position + 1 >= self.plan.accum_steps
+        boundary = last or self._end_of_data or position + 1 >= self._plans.plan.accum_steps
         self._end_of_data = False
         self._micro_steps_run += 1
         self._in_micro_step = True
         self._boundary_now = boundary
         self._backward_done = False
         self.stepped = False
-        try:  # auto_micro_batch: the boundary too, reduced after the ranks agreed that none ran out of memory
-            with contextlib.nullcontext() if boundary and not self._auto else self._backend.no_sync():
-                yield self
-            if not self._backward_done:
-                raise RuntimeError(
-                    "acc.micro_step() ended without acc.backward(loss): every micro-step must run exactly one backward "
-                    "so that all ranks take part in the gradient reduction; call acc.backward(loss) in the block."
-                )
-        except BaseException as error:
+        if boundary and not self._auto:  # auto_micro_batch: reduced by hand after the ranks agreed none ran out
+            self._backend.before_sync()
+            return MicroStep(self, boundary, None)
+        return MicroStep(self, boundary, self._backend.no_sync())
+
+    def _end_micro_step(self, boundary: bool, error: BaseException | None) -> bool:  # MicroStep.__exit__
+        self._in_micro_step = False
+        if error is None and not self._backward_done:
+            error = RuntimeError(
+                "acc.micro_step() ended without acc.backward(loss): every micro-step must run exactly one backward "
+                "so that all ranks take part in the gradient reduction; call acc.backward(loss) in the block."
+            )
+            self._abandon_micro_step(boundary)
+            raise error
+        if error is not None:
             if self._auto and resize.is_out_of_memory(error):
                 self._window.out_of_memory = True  # split() takes this rank to the boundary's all-reduce
-                return
+                return True
             self._abandon_micro_step(boundary)
-            raise
-        finally:
-            self._in_micro_step = False
+            return False
         self._window.position += 1
         if boundary:
             self._finish_window()
+        return False
 
     def _abandon_micro_step(self, boundary: bool) -> None:  # the block raised; semantics: discard_window()
         self._window.position += 1
@@ -232,43 +214,44 @@ class Accumulator(AccumulatorState):
             ValueError: ``loss`` is not a scalar, ``num_items`` is negative, or some micro-steps of a window give
                 ``num_items`` and others don't.
         """
-        if not self._in_micro_step:
-            raise RuntimeError(
-                "acc.backward() was called outside `with acc.micro_step():`; the accumulator could not decide "
-                "whether to sync gradients. Put the forward and acc.backward(loss) inside the `with` block."
-            )
-        if self._backward_done:
+        if self._backward_done or not self._in_micro_step:
             raise RuntimeError(
                 "acc.backward() was called twice in one micro-step; add the losses and call it once "
                 "(acc.backward(loss_a + loss_b))."
+                if self._in_micro_step
+                else "acc.backward() was called outside `with acc.micro_step():`; the accumulator could not decide "
+                "whether to sync gradients. Put the forward and acc.backward(loss) inside the `with` block."
             )
-        if loss.dim() != 0:
+        if loss.dim():
             raise ValueError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it (.mean())")
+        window = self._window
         count = None if num_items is None else item_count(num_items)
-        if not self._auto and self._window.needs_item_agreement(count):
+        if not self._auto and window.needs_item_agreement(count):
             # First backward of a run: ranks agree on giving num_items (a rank without it fails here, on every
             # rank, instead of mismatching collectives later) and seed the items-per-micro-step estimate.
-            self._window.agree_on_items(*collectives.agree_on_item_mode(count))
-        loss, scale = self._window.record(loss, count)
+            window.agree_on_items(*collectives.agree_on_item_mode(count))
+        loss, scale = window.record(loss, count)
         scaled = loss * scale
         if self.grad_scaler is not None:
             scaled = self.grad_scaler.scale(scaled)
         self._backend.backward(scaled)
         self._backward_done = True
-        if self._window.noise is not None and self._window.position == 0 and not self._boundary_now:
+        if window.noise is not None and window.position == 0 and not self._boundary_now:
             loss_scale = scale * (self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0)
-            self._window.noise.measure(
-                grads_of(params_of(self.optimizer)), loss_scale, count or self.plan.micro_batch_size
-            )
+            window.noise.measure(grads_of(params_of(self.optimizer)), loss_scale, count or self.plan.micro_batch_size)
 
     def _finish_window(self, *, local: bool = False, reduced: bool = False) -> None:
         try:
+            params = params_of(self.optimizer)
+            # Without a norm, ranks holding different parts of the gradient check theirs for NaN/inf now, and the
+            # all-reduce below makes it one decision; replicated gradients are checked in the step's multiply.
+            precheck = not (local or self._norm or self._backend.replicated)
             if local:  # a boundary that joined no reduction (see _abandon_micro_step): skipped, without collectives
                 window = self._window.close_locally()
             else:
-                totals = collectives.sum_checking_step(self._window.local_stats(), self.optimizer_steps)
+                stats = self._window.local_stats(self._backend.local_nonfinite(params) if precheck else 0.0)
+                totals = collectives.sum_checking_step(stats, self.optimizer_steps)
                 window = self._window.close(totals, self._backend.averaging_ranks)
-            params = params_of(self.optimizer)
             if window.retry:  # some rank ran out of memory: no step; split() runs the window again, smaller
                 self._backend.discard_grads(self.optimizer)
                 self._use(self._plans.use_micro_batch_size(resize.shrink(self), self.optimizer_steps))
@@ -277,10 +260,12 @@ class Accumulator(AccumulatorState):
             if self._auto and not reduced and not window.skip:  # the one reduction, now that no rank ran out
                 resize.reduce_window(self._backend, params, factor * window.before_reduction)
                 factor = 1.0
-            if factor != 1.0:
-                self._backend.scale_grads(params, factor)
+            number, nonfinite = self.optimizer_steps + 1, window.nonfinite if precheck else None
             grad_norm, skipped = self._backend.step(
-                self.optimizer, params, self._options, skip=window.skip, number=self.optimizer_steps + 1
+                self.optimizer,
+                params,
+                self._options,
+                StepWindow(factor=factor, skip=window.skip, number=number, norm=self._norm, nonfinite=nonfinite),
             )
             self.optimizer_steps += 1
             self.skipped_steps += int(skipped)
@@ -303,14 +288,6 @@ class Accumulator(AccumulatorState):
             raise
         finally:
             self._window.reset()
-
-    def discard_window(self) -> None:
-        """Discard the open window (no-op between windows): it runs on to its boundary, where every rank joins
-        the reduction as usual, and its step is skipped on every rank, so one rank may call it alone. A micro-step
-        whose ``with`` block raises does the same; the rules are in :mod:`distaccum.weighting` (discarded windows).
-        """
-        if self._in_micro_step or self._window.position:
-            self._window.discarded = True
 
     def flush(self) -> StepResult | None:
         """Step a short last window at the end of data, normalized by what it really had. Collective: every rank
@@ -340,9 +317,29 @@ class Accumulator(AccumulatorState):
         setup = {"auto_micro_batch": int(self._auto), "schedule": self.schedule.fingerprint() if self.schedule else 0}
         collectives.check_plan_agreement(self.plan, self._window.position, self.optimizer_steps, setup)
 
-    def _discard_window(self) -> None:  # local, unsynced gradients of a window that will never step
-        self.optimizer.zero_grad(set_to_none=True)
-        self._window.reset()
 
-    def __repr__(self) -> str:
-        return f"Accumulator({self.plan}, {self.backend}, step {self.optimizer_steps}, at {self._window.position})"
+class MicroStep:
+    """What ``acc.micro_step()`` returns: the ``with`` block of one micro-step (a plain class, not a generator:
+    it is entered on every micro-batch)."""
+
+    __slots__ = ("_acc", "_boundary", "_no_sync")
+
+    def __init__(self, acc: Accumulator, boundary: bool, no_sync: contextlib.AbstractContextManager[None] | None):
+        self._acc = acc
+        self._boundary = boundary
+        self._no_sync = no_sync
+
+    def __enter__(self) -> Accumulator:
+        if self._no_sync is not None:
+            self._no_sync.__enter__()
+        return self._acc
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> bool:
+        try:
+            if self._no_sync is not None:
+                self._no_sync.__exit__(kind, error, traceback)  # restores the wrapper's sync flag, as it found it
+        except BaseException as raised:
+            if raised is not error:  # the wrapper's own failure: the micro-step is abandoned, and it propagates
+                self._acc._end_micro_step(self._boundary, raised)
+                raise
+        return self._acc._end_micro_step(self._boundary, error)

@@ -234,7 +234,8 @@ class PlanTracker:
     def advance(self, samples: int, optimizer_steps: int) -> BatchPlan:
         """A window of ``samples`` (all ranks) closed, ``optimizer_steps`` after it: the next window's plan."""
         self.consumed_samples += samples
-        self.plan = self._at(self.consumed_samples, optimizer_steps, self.plan.micro_batch_size)
+        if self.schedule is not None:  # a fixed plan (the usual case) stays the same object: nothing to rebuild
+            self.plan = self._at(self.consumed_samples, optimizer_steps, self.plan.micro_batch_size)
         return self.plan
 
     def smaller(self) -> int | None:

@@ -1,7 +1,8 @@
-"""What an accumulator saves and restores (:meth:`~distaccum.Accumulator.state_dict`): its counters, the window's
-position and arithmetic, the plan with a batch schedule's place in it (consumed samples) and the micro-batch size
-``auto_micro_batch`` found, and mid-window the gradients accumulated so far. Plain Python values and tensors, so
-that :mod:`distaccum.checkpoint` can write them with ``weights_only`` loading.
+"""What an accumulator reports about itself (window position, backend, consumed samples) and what it saves and
+restores (:meth:`~distaccum.Accumulator.state_dict`): its counters, the window's position and arithmetic, the plan
+with a batch schedule's place in it (consumed samples) and the micro-batch size ``auto_micro_batch`` found, and
+mid-window the gradients accumulated so far. Plain Python values and tensors, so that :mod:`distaccum.checkpoint`
+can write them with ``weights_only`` loading.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from distaccum.weighting import WindowLedger
 
 
 class AccumulatorState:
-    """The state methods of :class:`~distaccum.Accumulator` (which sets these attributes)."""
+    """The state of :class:`~distaccum.Accumulator` (which sets these attributes): reported, saved, restored."""
 
     optimizer: torch.optim.Optimizer
     optimizer_steps: int
@@ -27,6 +28,35 @@ class AccumulatorState:
     _window: WindowLedger
     _backend: Backend
     _agreed: bool
+    _in_micro_step: bool
+    _boundary_now: bool
+
+    @property
+    def micro_step_in_window(self) -> int:
+        """Micro-steps already taken in the open window (0 right after a step)."""
+        return self._window.position
+
+    @property
+    def is_boundary(self) -> bool:
+        """Inside ``micro_step``: whether it ends the window. Outside: whether the next one will."""
+        if self._in_micro_step:
+            return self._boundary_now
+        return self._window.position + 1 >= self.plan.accum_steps
+
+    @property
+    def consumed_samples(self) -> int:
+        """Samples (all ranks) in the windows closed so far: what schedules of batch and LR are keyed on."""
+        return self._plans.consumed_samples
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend chosen for the model (``plain``, ``ddp``, ``fsdp1``, ``fsdp2``, ``deepspeed``)."""
+        return self._backend.name
+
+    @property
+    def grads_in_params(self) -> bool:
+        """Whether unsynced gradients live in ``param.grad`` (plain, DDP: :meth:`state_dict` can save them)."""
+        return self._backend.grads_in_params
 
     @property
     def plan(self) -> BatchPlan:
@@ -99,3 +129,18 @@ class AccumulatorState:
         self.optimizer_steps = int(state["optimizer_steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self._agreed = False
+
+    def discard_window(self) -> None:
+        """Discard the open window (no-op between windows): it runs on to its boundary, where every rank joins
+        the reduction as usual, and its step is skipped on every rank, so one rank may call it alone. A micro-step
+        whose ``with`` block raises does the same; the rules are in :mod:`distaccum.weighting` (discarded windows).
+        """
+        if self._in_micro_step or self._window.position:
+            self._window.discarded = True
+
+    def _discard_window(self) -> None:  # local, unsynced gradients of a window that will never step
+        self.optimizer.zero_grad(set_to_none=True)
+        self._window.reset()
+
+    def __repr__(self) -> str:
+        return f"Accumulator({self.plan}, {self.backend}, step {self.optimizer_steps}, at {self._window.position})"

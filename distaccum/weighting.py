@@ -99,6 +99,8 @@ class WindowClose:
     """Multiply this rank's own gradients by this before they are reduced (a deferred first ``c``, below)."""
     retry: bool = False
     """Some rank ran out of memory (``auto_micro_batch``): start the window again with smaller micro-batches."""
+    nonfinite: bool = False
+    """Some rank found a NaN/inf in its part of the reduced gradient (when the ranks checked before the close)."""
 
 
 def item_count(num_items: int | torch.Tensor) -> int:
@@ -144,7 +146,10 @@ class WindowLedger:
         """Start a new window."""
         self.position = 0
         self.items = 0
-        self.loss_sum: torch.Tensor | None = None
+        self.losses: list[torch.Tensor] = []
+        """The window's micro-step losses (detached), summed at the boundary (with items: weighted by counts)."""
+        self.counts: list[int] = []
+        self.loaded_loss = 0.0  # the loss sum of a window resumed from a state
         self.mode: Mode | None = None
         self.own_scale: float | None = None  # deferred: this rank's first count of the window
         self.discarded = False
@@ -190,37 +195,46 @@ class WindowLedger:
                 "micro-step or in none."
             )
         self.mode = mode
-        if self.loss_sum is None:  # on the loss's device: summing it costs no host sync
-            self.loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
         if count is None:
-            scale = 1.0 / self.accum_steps
-            self.loss_sum.add_(loss.detach())  # one fused op: no float64 copy, no temporary
+            self.losses.append(loss.detach())  # kept on its device (no host sync) and summed once, at the boundary
+            return loss, 1.0 / self.accum_steps
+        if self.deferred and self.item_scale is None and self.own_scale is None and count:
+            self.own_scale = float(count)
+        # While no rank has seen an item yet, every rank's count is 0 and so is its scale.
+        c = self.item_scale or self.own_scale
+        scale = count / (c * self.accum_steps) if c else 0.0
+        self.items += count
+        if count:
+            self.losses.append(loss.detach())
+            self.counts.append(count)
         else:
-            if self.deferred and self.item_scale is None and self.own_scale is None and count:
-                self.own_scale = float(count)
-            # While no rank has seen an item yet, every rank's count is 0 and so is its scale.
-            c = self.item_scale or self.own_scale
-            scale = count / (c * self.accum_steps) if c else 0.0
-            self.items += count
-            if count:
-                self.loss_sum.add_(loss.detach(), alpha=count)
-            else:
-                # A mean over zero items is NaN (cross_entropy with all targets ignored); it contributes nothing,
-                # but the backward must still run so that every rank joins the reduction.
-                loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+            # A mean over zero items is NaN (cross_entropy with all targets ignored); it contributes nothing,
+            # but the backward must still run so that every rank joins the reduction.
+            loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
         return loss, scale
 
-    def local_stats(self) -> list[float]:
+    def loss_total(self) -> float:
+        """This rank's loss sum over the window (item-weighted with items), summed in float64."""
+        if not self.losses:
+            return self.loaded_loss
+        losses = torch.stack(self.losses)
+        if self.counts:
+            weights = torch.tensor(self.counts, dtype=torch.float64, device=losses.device)
+            return self.loaded_loss + float(torch.dot(losses.to(torch.float64), weights))
+        return self.loaded_loss + float(losses.sum(dtype=torch.float64))
+
+    def local_stats(self, nonfinite: float = 0.0) -> list[float]:
         """This rank's window, to be summed over ranks: items, loss sum, micro-steps, item ranks, mean ranks,
-        discarding ranks, ranks out of memory."""
+        discarding ranks, ranks out of memory, ranks whose part of the gradient is not finite (``nonfinite``)."""
         return [
             float(self.items),
-            0.0 if self.loss_sum is None else float(self.loss_sum),
+            self.loss_total(),
             float(self.position),
             float(self.mode == "items"),
             float(self.mode == "mean"),
             float(self.discarded),
             float(self.out_of_memory),
+            nonfinite,
             *(self.noise.local_stats() if self.noise is not None else ()),
             *(self.batch_norm.local_stats() if self.batch_norm is not None else ()),
         ]
@@ -235,8 +249,8 @@ class WindowLedger:
         Raises:
             RuntimeError: some ranks gave ``num_items`` in this window and others did not.
         """
-        items, loss_sum, micro, item_ranks, mean_ranks, discarding_ranks, out_of_memory = totals[:7]
-        noise, totals = (totals[7:10], totals[:7] + totals[10:]) if self.noise is not None else (None, totals)
+        items, loss_sum, micro, item_ranks, mean_ranks, discarding_ranks, out_of_memory, nonfinite = totals[:8]
+        noise, totals = (totals[8:11], totals[:8] + totals[11:]) if self.noise is not None else (None, totals)
         if out_of_memory:  # before any check: the window's micro-steps did not all run, and it will run again
             return WindowClose(0.0, math.nan, int(micro), None, skip=True, retry=True)
         if item_ranks and mean_ranks:
@@ -248,10 +262,12 @@ class WindowLedger:
         if discarding_ranks:  # some rank's micro-step raised: no rank steps on this window
             return WindowClose(0.0, math.nan, micro_steps, int(items) if item_ranks else None, skip=True)
         if self.batch_norm is not None:  # the forwards happened, whether or not the optimizer steps
-            self.batch_norm.apply(list(totals[7:]))
+            self.batch_norm.apply(list(totals[8:]))
         if not item_ranks:
             factor = self.accum_steps * averaged_over / micro_steps
-            return WindowClose(factor, loss_sum / micro_steps, micro_steps, None, skip=False, noise=noise)
+            return WindowClose(
+                factor, loss_sum / micro_steps, micro_steps, None, skip=False, noise=noise, nonfinite=bool(nonfinite)
+            )
         if not items:
             # No item anywhere in the window: the step is skipped on all ranks, and the mean loss over zero items
             # is NaN, as torch's own cross_entropy reports it.
@@ -265,7 +281,14 @@ class WindowLedger:
         # Keeps the next window's scaled losses at the size of loss / accum_steps (fp16-safe).
         self.item_scale = items / micro_steps
         return WindowClose(
-            factor, loss_sum / items, micro_steps, int(items), skip=False, noise=noise, before_reduction=before
+            factor,
+            loss_sum / items,
+            micro_steps,
+            int(items),
+            skip=False,
+            noise=noise,
+            before_reduction=before,
+            nonfinite=bool(nonfinite),
         )
 
     def noise_after_step(self, window: WindowClose, grad_norm: float | None, micro_batch_size: int) -> float | None:
@@ -285,7 +308,7 @@ class WindowLedger:
             "micro_step": self.position,
             "item_scale": self.item_scale,
             "window_items": self.items,
-            "window_loss": None if self.loss_sum is None else float(self.loss_sum),
+            "window_loss": self.loss_total() if self.mode is not None else None,
             "window_mode": self.mode,
             "window_discarded": self.discarded,
         }
@@ -304,6 +327,7 @@ class WindowLedger:
         self.item_scale = state["item_scale"]
         self.items = int(state["window_items"])
         loss = state["window_loss"]
-        self.loss_sum = None if loss is None else torch.tensor(loss, dtype=torch.float64)
+        self.losses, self.counts = [], []
+        self.loaded_loss = 0.0 if loss is None else float(loss)
         self.mode = state["window_mode"]
         self.discarded = bool(state.get("window_discarded", False))  # absent in format-1 checkpoints

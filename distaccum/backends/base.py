@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 Params = list[torch.Tensor]
+_NOTHING = contextlib.nullcontext()  # reusable: entered on every micro-step of a plain model
 
 
 def params_of(optimizer: torch.optim.Optimizer) -> Params:
@@ -80,6 +81,8 @@ class Backend:
     them); False for wrappers that accumulate in private buffers (FSDP, DeepSpeed)."""
     checkpoint_layout: ClassVar[Literal["replicated", "sharded"]] = "replicated"
     """How :mod:`distaccum.checkpoint` saves the model: rank 0 writes one copy, or every rank its shard (DCP)."""
+    replicated: ClassVar[bool] = True
+    """True when every rank holds the same whole reduced gradient (a local non-finite check is a global one)."""
     checkpoint_refusal: ClassVar[str | None] = None
     """Why :mod:`distaccum.checkpoint` cannot save this wrapper, and what to use instead (None: it can)."""
 
@@ -111,7 +114,10 @@ class Backend:
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         """Context in which backward accumulates gradients locally without reducing them."""
-        return contextlib.nullcontext()
+        return _NOTHING
+
+    def before_sync(self) -> None:
+        """Called before each micro-step whose backward reduces the gradients (the boundary)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the already window-scaled loss."""
@@ -123,18 +129,50 @@ class Backend:
         if grads:
             torch._foreach_mul_(grads, factor)
 
-    def grad_norm(self, params: Params, max_norm: float | None) -> torch.Tensor:
-        """Global 2-norm of the gradients, clipping them to ``max_norm`` when given."""
+    def grad_norm(self, params: Params) -> torch.Tensor:
+        """Global 2-norm of the gradients as they are (the caller folds clipping into one multiply)."""
         grads = grads_of(params)
         if not grads:
             return torch.zeros(())
         total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         full = getattr(total, "full_tensor", None)  # DTensor (FSDP2): partial norms over shards
-        if full is not None:
-            total = full()
-        if max_norm is not None and math.isfinite(max_norm):
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total
+        return full() if full is not None else total
+
+    def local_nonfinite(self, params: Params) -> float:
+        """Whether this rank's part of the reduced gradient holds a NaN/inf (1.0) or not (0.0): a read of the
+        gradients, for wrappers whose ranks hold different parts (:attr:`replicated` False); the boundary's
+        all-reduce, which happens anyway, makes the decision global."""
+        found = None
+        for grads in _groups(grads_of(params)):
+            local = [getattr(g, "_local_tensor", g) for g in grads]  # a DTensor shard: its own elements
+            norms = torch.stack(torch._foreach_norm(local, math.inf))
+            found = norms.sum() if found is None else found + norms.sum().to(found.device)
+        return 0.0 if found is None else float(not math.isfinite(found))
+
+    def check_and_scale(self, params: Params, factor: float) -> bool:
+        """Multiply the (replicated) reduced gradients by ``factor`` and say whether any was NaN/inf, in one fused
+        pass per device and dtype (GradScaler's kernel), so the non-finite check costs no pass of its own."""
+        found_any = False
+        for grads in _groups(grads_of(params)):
+            device = grads[0].device
+            if grads[0].dtype == torch.float64 and float(torch.tensor(factor, dtype=torch.float32)) != factor:
+                torch._foreach_mul_(grads, factor)  # the kernel's fp32 factor would round a float64 gradient
+                factor_here = 1.0
+            else:
+                factor_here = factor
+            found, multiplier = self._check_buffers(device, factor_here)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, multiplier)
+            found_any = found_any or bool(found.item())
+        return found_any
+
+    def _check_buffers(self, device: torch.device, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # Kept between steps (one found flag and the usual factor 1.0 per device): nothing allocated per step.
+        cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = self.__dict__.setdefault("_checks", {})
+        if device not in cache:
+            cache[device] = torch.zeros(1, device=device), torch.ones(1, device=device)
+        found, one = cache[device]
+        found.zero_()
+        return found, one if factor == 1.0 else torch.full((1,), factor, dtype=torch.float32, device=device)
 
     def reduce_pending(self, params: Params) -> None:
         """Average gradients that were accumulated under :meth:`no_sync` (end of data mid-window)."""
@@ -180,16 +218,20 @@ class Backend:
             param.grad = None if grad is None else grad.detach().to(param.device, param.dtype).clone()
 
     def step(
-        self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, *, skip: bool, number: int
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Params,
+        options: StepOptions,
+        window: StepWindow,
     ) -> tuple[float | None, bool]:
-        """The window's optimizer step: unscale, clip, step (or skip), scaler update, zero_grad.
+        """The window's optimizer step: unscale, factor and clip in one multiply, step (or skip), scaler update,
+        zero_grad.
 
         Args:
             optimizer: the torch optimizer.
             params: its parameters.
             options: clipping, scaler and non-finite policy.
-            skip: the accumulator decided not to step (a window without items); drop the gradients only.
-            number: this step's number (1-based), for messages.
+            window: what the boundary decided (:class:`StepWindow`).
 
         Returns:
             (global gradient norm before clipping, or None when not computed; whether the step was skipped).
@@ -199,25 +241,39 @@ class Backend:
         """
         # A disabled scaler (GradScaler(enabled=args.fp16)) scales nothing and detects nothing: not a guard.
         scaler = options.grad_scaler if options.grad_scaler is not None and options.grad_scaler.is_enabled() else None
-        if skip:
+        if window.skip:
             optimizer.zero_grad(set_to_none=True)
             return None, True
         if scaler is not None:
             scaler.unscale_(optimizer)
-        # The norm is global (every backend reduces it over shards), so this decision is the same on every rank,
-        # where a GradScaler's own inf check sees only this rank's shard (FSDP) and would let ranks diverge.
-        norm = float(self.grad_norm(params, options.max_grad_norm))
-        if not math.isfinite(norm):
+        norm: float | None = None
+        multiplier = window.factor
+        if window.norm:
+            # The norm is global (every backend reduces it over shards), so the decision is the same on every rank.
+            norm = float(self.grad_norm(params)) * window.factor
+            found = not math.isfinite(norm)
+            if options.max_grad_norm is not None and not found:  # torch's clip coefficient, on the true norm
+                multiplier *= min(1.0, options.max_grad_norm / (norm + 1e-6))
+        elif window.nonfinite is not None:  # checked by every rank before the boundary's all-reduce
+            found = window.nonfinite
+        elif scaler is not None and self.replicated:  # unscale_ checked the gradient, which every rank shares
+            found = any(bool(flag.item()) for flag in _found_inf(scaler, optimizer).values())
+        else:
+            found, multiplier = self.check_and_scale(params, multiplier), 1.0
+        if found:
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:  # an fp16 overflow: back off, on every rank alike, and carry on
                 _record_overflow(scaler, optimizer)
                 scaler.update()
             elif options.on_nonfinite == "raise":
                 raise FloatingPointError(
-                    f"non-finite gradient norm {norm} at optimizer step {number}; the step was not taken. Use "
-                    "on_nonfinite='skip' to skip such steps on all ranks instead."
+                    f"non-finite gradient {'' if norm is None else f'norm {norm} '}at optimizer step "
+                    f"{window.number}; the step was not taken. Use on_nonfinite='skip' to skip such steps on all "
+                    "ranks instead."
                 )
-            return norm, True
+            return (math.nan if norm is None else norm) if window.norm else None, True
+        if multiplier != 1.0:
+            self.scale_grads(params, multiplier)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -227,9 +283,37 @@ class Backend:
         return norm, False
 
 
+@dataclass(frozen=True)
+class StepWindow:
+    """What the accumulator's boundary hands to :meth:`Backend.step`."""
+
+    factor: float
+    """Multiply the reduced gradient by this (folded into the clipping multiply)."""
+    skip: bool
+    """The accumulator decided not to step (a window without items, a discarded one): drop the gradients."""
+    number: int
+    """This step's number (1-based), for messages."""
+    norm: bool = False
+    """Compute the global gradient norm (clipping, ``report_grad_norm``, the noise scale); it decides non-finite."""
+    nonfinite: bool | None = None
+    """Some rank saw a NaN/inf in its part before the boundary's all-reduce (None: not checked there)."""
+
+
+def _groups(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for grad in grads:
+        by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
+    return list(by_kind.values())
+
+
+def _found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> dict[torch.device, torch.Tensor]:
+    found: dict[torch.device, torch.Tensor] = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    return found
+
+
 def _record_overflow(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
     # GradScaler.update() backs off when unscale_ found an inf on this rank; make it see one on every rank.
-    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    found = _found_inf(scaler, optimizer)
     assert found, "unscale_ records one found_inf tensor per device"
     for flag in found.values():
         flag.fill_(1.0)

@@ -1,4 +1,13 @@
-"""``DistributedDataParallel``: ``no_sync()`` inside the window; the end of data all-reduces by hand."""
+"""``DistributedDataParallel``: ``no_sync()`` inside the window; the end of data all-reduces by hand.
+
+The boundary's reduction goes through a comm hook of distaccum's (:class:`CheckedAverage`): it all-reduces each
+bucket as DDP's default does, then divides it by the world size and checks it for NaN/inf in one fused pass
+(GradScaler's kernel). The reduced gradient is the same on every rank, so this local check is a global one,
+and the non-finite guard costs no pass over the gradients of its own. The hook is registered at the first
+boundary; a model that has a comm hook by then (the user's: compression, PowerSGD) keeps it, and the check is
+one read of the gradients at the step instead (DDP allows one hook per model: a script that registers its own
+after the first optimizer step gets torch's "can only be called once" error).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from distaccum.backends.base import Backend, Params, grads_of
+from distaccum.backends.base import Backend, Params, StepOptions, StepWindow, grads_of
 
 
 class DDPBackend(Backend):
@@ -28,6 +37,16 @@ class DDPBackend(Backend):
     def __init__(self, model: nn.Module, world_size: int) -> None:
         super().__init__(model, world_size)
         self._graph_recorded = not getattr(model, "static_graph", False)
+        self.hook: CheckedAverage | None = None
+        """distaccum's comm hook state (None before the first sync, or when the model has a comm hook of its own)."""
+        self._hook_tried = False
+
+    def before_sync(self) -> None:
+        # At the first boundary, not at construction: a script that registers its own comm hook after building the
+        # Accumulator (DDP takes only one) keeps it, and its reductions are then checked at the step instead.
+        if not self._hook_tried:
+            self._hook_tried = True
+            self.hook = CheckedAverage.attach(self.model)
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         if not self._graph_recorded:
@@ -38,6 +57,26 @@ class DDPBackend(Backend):
             return contextlib.nullcontext()
         return self.model.no_sync()  # type: ignore[operator]
 
+    def check_and_scale(self, params: Params, factor: float) -> bool:
+        hook = self.hook
+        if hook is not None and hook.checked and factor == 1.0:  # the boundary reduction checked it already
+            return hook.take_found()
+        return super().check_and_scale(params, factor)
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, window: StepWindow
+    ) -> tuple[float | None, bool]:
+        try:
+            return super().step(optimizer, params, options, window)
+        finally:
+            if self.hook is not None:
+                self.hook.take_found()  # whatever the step used, the next window starts unchecked
+
+    def discard_grads(self, optimizer: torch.optim.Optimizer) -> None:
+        super().discard_grads(optimizer)
+        if self.hook is not None:
+            self.hook.take_found()
+
     def reduce_pending(self, params: Params) -> None:
         """All-reduce gradients accumulated under ``no_sync`` by hand (a short window at the end of data, or every
         window under ``auto_micro_batch``), in buckets of DDP's ``bucket_cap_mb``: a flat copy of the whole
@@ -46,6 +85,8 @@ class DDPBackend(Backend):
         for param in params:
             if param.grad is None and param.requires_grad:
                 param.grad = torch.zeros_like(param)
+        if self.hook is not None:
+            self.hook.take_found()  # reduced by hand, not through the hook: the step checks the gradients itself
         group = getattr(self.model, "process_group", None)
         for bucket in buckets(grads_of(params), int(getattr(self.model, "bucket_bytes_cap", 25 * 2**20))):
             flat = torch._utils._flatten_dense_tensors(bucket)
@@ -68,3 +109,74 @@ def buckets(grads: list[torch.Tensor], cap_bytes: int) -> list[list[torch.Tensor
         runs[-1].append(grad)
         size += nbytes
     return runs
+
+
+class CheckedAverage:
+    """State of distaccum's DDP comm hook: all-reduce a bucket, then divide it by the world size and record
+    whether it holds a NaN/inf, in one fused pass.
+
+    Args:
+        group: the DDP model's process group.
+    """
+
+    def __init__(self, group: torch_dist.ProcessGroup | None) -> None:
+        self.group = group
+        self.world_size = torch_dist.get_world_size(group)
+        self.reductions = 0
+        """Bucket all-reduces so far (what a benchmark or test counts)."""
+        self.checked = False
+        """Some bucket was reduced (and checked) since the last :meth:`take_found`."""
+        self._found: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def attach(cls, model: nn.Module) -> CheckedAverage | None:
+        """The hook's state on ``model``: registered once per model (another Accumulator on it shares it); None
+        when the model already has a comm hook of its own, which DDP allows only one of."""
+        existing = getattr(model, "_distaccum_checked_average", None)
+        if isinstance(existing, CheckedAverage):
+            return existing
+        if getattr(model, "_comm_hooks", None):
+            return None
+        state = cls(getattr(model, "process_group", None))
+        try:
+            model.register_comm_hook(state, _checked_average_hook)  # type: ignore[operator]
+        except RuntimeError:  # a builtin hook (register_builtin_comm_hook) is not listed in _comm_hooks
+            hooks = getattr(model, "_comm_hooks", None)
+            if hooks and hooks[-1][1] is state:
+                hooks.pop()
+            return None
+        model._distaccum_checked_average = state  # type: ignore[assignment]
+        return state
+
+    def _average(self, done: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        reduced = done.value()[0]
+        found = self._found.get(reduced.device)
+        if found is None:
+            found = self._found[reduced.device] = torch.zeros(1, device=reduced.device)
+        inverse = 1.0 / self.world_size
+        if reduced.dtype == torch.float64 and float(torch.tensor(inverse, dtype=torch.float32)) != inverse:
+            reduced.div_(self.world_size)  # the kernel's fp32 factor would round a float64 gradient
+            inverse = 1.0
+        factor = torch.full((1,), inverse, dtype=torch.float32, device=reduced.device)
+        torch._amp_foreach_non_finite_check_and_unscale_([reduced], found, factor)
+        self.checked = True
+        return reduced
+
+    def take_found(self) -> bool:
+        """Whether a checked bucket held a NaN/inf since the last call; starts the next window unchecked."""
+        found = any(bool(flag.item()) for flag in self._found.values()) if self.checked else False
+        for flag in self._found.values():
+            flag.zero_()
+        self.checked = False
+        return found
+
+
+def _checked_average_hook(state: CheckedAverage, bucket: torch_dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The comm hook: DDP's average, with the non-finite check folded into its division."""
+    state.reductions += 1
+    future = torch_dist.all_reduce(bucket.buffer(), group=state.group, async_op=True).get_future()
+    return future.then(state._average)
+
+
+# DDP compares a hook's annotations with its own classes, and postponed annotations are strings.
+_checked_average_hook.__annotations__ = {}

@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from distaccum.backends.base import Backend, Params, StepOptions
+from distaccum.backends.base import Backend, Params, StepOptions, StepWindow
 
 
 def unsupported(*, stage: int, fp16: bool, bf16: bool, fp32_grad_accum: bool, offload: bool) -> str | None:
@@ -238,7 +238,7 @@ class DeepSpeedBackend(Backend):
             )
 
     def step(
-        self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, *, skip: bool, number: int
+        self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, window: StepWindow
     ) -> tuple[float | None, bool]:
         """``engine.step()`` at the boundary with the pending correction; returns (grad norm, skipped).
 
@@ -248,10 +248,12 @@ class DeepSpeedBackend(Backend):
         if not self._clipping_checked:
             self.check_clipping(options.max_grad_norm)
             self._clipping_checked = True
+        if not window.skip:
+            self.scale_grads(params, window.factor)
         engine = self.engine
         factor, self._factor = self._factor, 1.0
         engine.set_gradient_accumulation_boundary(True)
-        if skip:
+        if window.skip:
             self._drop_gradients()
             return None, True
         if self.stage == 0:

@@ -8,7 +8,6 @@ gradients are not in ``param.grad``, so a window cut short by the end of data mu
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import ClassVar, Literal
 
@@ -23,6 +22,7 @@ from distaccum.backends.base import Backend, Params, grads_of
 class _ShardedBackend(Backend):
     grads_in_params: ClassVar[bool] = False
     checkpoint_layout: ClassVar[Literal["replicated", "sharded"]] = "sharded"
+    replicated: ClassVar[bool] = False
 
     def reduce_pending(self, params: Params) -> None:
         raise ValueError(
@@ -46,7 +46,7 @@ class FSDP1Backend(_ShardedBackend):
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         return self.model.no_sync()  # type: ignore[operator]
 
-    def grad_norm(self, params: Params, max_norm: float | None) -> torch.Tensor:
+    def grad_norm(self, params: Params) -> torch.Tensor:
         # FSDP1's own clip_grad_norm_ forces float32 norms and fails on float64 parameters; the sharded norm is
         # simple enough: every rank holds a disjoint shard, so squared norms add up over ranks.
         from torch.distributed.fsdp import ShardingStrategy
@@ -62,10 +62,7 @@ class FSDP1Backend(_ShardedBackend):
             # Over one replica's shard group: with HYBRID_SHARD the shards repeat across replicas, and summing
             # over the whole world would count each of them once per replica (norm too large by sqrt(replicas)).
             torch_dist.all_reduce(squared, group=self.model.process_group)
-        total = squared.sqrt()[0]
-        if max_norm is not None and math.isfinite(max_norm) and grads:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total
+        return squared.sqrt()[0]
 
 
 class FSDP2Backend(_ShardedBackend):

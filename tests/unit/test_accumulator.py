@@ -102,6 +102,49 @@ def test_clipping_uses_the_whole_window_norm():
     assert max_relative_error(model.state_dict(), expected_state) <= 1e-6
 
 
+@pytest.mark.parametrize("ask", ["nothing", "report_grad_norm", "max_grad_norm"])
+def test_the_norm_is_computed_only_when_asked_or_clipping(ask):
+    steps, accum = 2, 4
+    kwargs = {"report_grad_norm": {"report_grad_norm": True}, "max_grad_norm": {"max_grad_norm": 1e6}}.get(ask, {})
+    model, acc = accumulator(accum_steps=accum, **kwargs)
+    inputs, targets = make_data(steps, accum * MICRO)
+    norms = []
+    for step in range(steps):
+        run_window(model, acc, inputs[step], targets[step])
+        norms.append(acc.last_step.grad_norm)
+    expected_state, expected_norms = reference_run("sgd", steps, accum * MICRO, max_grad_norm=1e6)
+    assert norms == ([None] * steps if ask == "nothing" else pytest.approx(expected_norms, rel=1e-5))
+    assert max_relative_error(model.state_dict(), expected_state) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_nan_gradient_with_a_finite_loss_is_caught_in_the_weighting_multiply(dtype):
+    # num_items makes the window factor != 1, so the check rides on the multiply that applies it (float64 with a
+    # factor fp32 cannot hold: a multiply of its own, then the check); the loss stays finite throughout.
+    model = make_model(dtype)
+    acc = Accumulator(
+        model, make_optimizer("sgd", model.parameters()), BatchPlan(micro_batch_size=MICRO, accum_steps=2)
+    )
+    inputs, targets = make_data(3, 2 * MICRO, dtype)
+    before = None
+    for step in range(3):
+        for micro, (x, y) in enumerate(zip(inputs[step].split(MICRO), targets[step].split(MICRO), strict=True)):
+            with acc.micro_step():
+                output = model(x)
+                loss = loss_fn(output, y)
+                if step == 1 and micro == 0:
+                    loss = loss + 0.0 * (output - output.detach()).abs().sum().sqrt()  # 0 forward, NaN backward
+                acc.backward(loss, num_items=3 + micro + step)  # the poisoned window's factor: 3.5 * 2 / 9
+        if step == 0:
+            before = copy.deepcopy(model.state_dict())
+        if step == 1:
+            assert acc.last_step.skipped and acc.last_step.grad_norm is None
+            assert torch.isfinite(torch.tensor(acc.last_step.loss))
+            assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [acc.optimizer_steps, acc.skipped_steps] == [3, 1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_scheduler_steps_once_per_optimizer_step():
     model = make_model()
     optimizer = make_optimizer("sgd", model.parameters())
@@ -174,10 +217,12 @@ def test_nonfinite_gradient_skips_the_step_and_counts_it():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_nonfinite_gradient_raises_when_asked():
-    model, acc = accumulator(accum_steps=1, on_nonfinite="raise")
+@pytest.mark.parametrize("report_grad_norm", [False, True])
+def test_nonfinite_gradient_raises_when_asked(report_grad_norm):
+    model, acc = accumulator(accum_steps=1, on_nonfinite="raise", report_grad_norm=report_grad_norm)
     x, y = make_data(1, MICRO)
-    with pytest.raises(FloatingPointError, match=r"non-finite gradient norm nan at optimizer step 1"):
+    said = "norm nan " if report_grad_norm else ""
+    with pytest.raises(FloatingPointError, match=rf"non-finite gradient {said}at optimizer step 1; the step was not"):
         with acc.micro_step():
             acc.backward(loss_fn(model(x[0]), y[0]) * float("inf") * 0)
 
@@ -193,7 +238,7 @@ def test_disabled_grad_scaler_keeps_the_nonfinite_check(on_nonfinite):
         acc.backward(loss_fn(model(x[0, :MICRO]), y[0, :MICRO]))
     nan_batch = (x[0, MICRO:], y[0, MICRO:])
     if on_nonfinite == "raise":
-        with pytest.raises(FloatingPointError, match=r"non-finite gradient norm nan at optimizer step 1"):
+        with pytest.raises(FloatingPointError, match=r"non-finite gradient at optimizer step 1"):
             with acc.micro_step():
                 acc.backward(loss_fn(model(nan_batch[0]), nan_batch[1]) * float("nan"))
     else:

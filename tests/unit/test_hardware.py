@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from distaccum import Accumulator, BatchPlan
 from tests.helpers.common import loss_fn, make_data, make_model, make_optimizer, max_relative_error, reference_run
-from tests.helpers.hardware import hardware_params
+from tests.helpers.hardware import hardware_params, requires_cuda
 
 MICRO, ACCUM, STEPS = 4, 4, 3
 
@@ -65,3 +67,40 @@ def test_fp16_autocast_with_grad_scaler_on_device(device):
     expected = fp16_real_batch(device, inputs, targets)
     assert max_relative_error(state, expected) < 5e-3
     assert max_relative_error(fp16_real_batch(device, inputs, targets, scale=1.1), expected) > 5e-3
+
+
+@pytest.mark.cuda
+@requires_cuda()
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_no_host_sync_inside_a_window_and_few_at_the_boundary(clip):
+    # torch's sync debug mode warns at every host-device synchronization: a window's non-boundary micro-steps
+    # make none (the loss is kept on the device, nothing is read), and the boundary only what its decisions read.
+    model = make_model().to("cuda")
+    optimizer = make_optimizer("sgd", model.parameters())
+    acc = Accumulator(
+        model, optimizer, BatchPlan(micro_batch_size=MICRO, accum_steps=ACCUM, world_size=1), max_grad_norm=clip
+    )
+    inputs, targets = make_data(STEPS, MICRO * ACCUM)
+    batches = [
+        (x.cuda(), y.cuda())
+        for step in range(STEPS)
+        for x, y in zip(inputs[step].split(MICRO), targets[step].split(MICRO), strict=True)
+    ]
+    syncs = {"inside": 0, "boundary": 0}
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        for x, y in batches:
+            boundary = acc.is_boundary
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                with acc.micro_step():
+                    acc.backward(loss_fn(model(x), y))
+            syncs["boundary" if boundary else "inside"] += sum("synchroniz" in str(w.message) for w in seen)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    print(f"host syncs (clip={clip}): {syncs} over {STEPS} steps of {ACCUM} micro-steps")
+    assert syncs["inside"] == 0
+    # The boundary reads the window's scalars once, the non-finite flag once, and with clipping the norm once.
+    assert syncs["boundary"] <= STEPS * (2 if clip is None else 3)

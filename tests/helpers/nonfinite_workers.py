@@ -1,0 +1,59 @@
+"""Rank functions for the non-finite checks that cost no pass of their own (tests/distributed/test_nonfinite.py).
+
+Rank 1's gradient turns NaN in window 2 while every loss stays finite: ``0 * sqrt(out - out)`` is 0 forward and
+NaN backward (``0 / 0`` in sqrt's derivative), and the NaN flows through the model's own backward (and the
+wrapper's reduction) into every gradient. Only a check of the gradient itself can catch it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from distaccum import Accumulator, BatchPlan
+from tests.helpers.common import loss_fn, make_data, make_model, make_optimizer
+from tests.helpers.wrappers import full_state, wrap
+
+MICRO = 4
+WINDOWS = 3
+POISONED = 2  # the window (1-based) whose gradient rank 1 poisons
+
+
+def poisoned_gradient(output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` plus a term that is 0 forward and NaN backward."""
+    return loss + 0.0 * (output - output.detach()).abs().sum().sqrt()
+
+
+def nan_gradient_with_finite_loss(rank: int, world_size: int, backend: str, user_hook: bool) -> dict[str, Any]:
+    """Train 3 windows of 2 micro-steps; rank 1 poisons window 2. Returns the step results, the weights after
+    each step, and how distaccum's DDP comm hook was used."""
+    model = wrap(make_model(), backend, world_size)
+    if user_hook:  # the user's own hook (registered before the first step) must be kept, and NaN still caught
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        model.register_comm_hook(None, allreduce_hook)
+    acc = Accumulator(
+        model, make_optimizer("sgd", model.parameters()), BatchPlan(micro_batch_size=MICRO, accum_steps=2)
+    )
+    inputs, targets = make_data(2 * WINDOWS * world_size, MICRO)
+    steps, weights = [], []
+    for window in range(WINDOWS):
+        for micro in range(2):
+            index = (window * 2 + micro) * world_size + rank
+            with acc.micro_step():
+                output = model(inputs[index])
+                loss = loss_fn(output, targets[index])
+                if rank == 1 and window + 1 == POISONED and micro == 0:
+                    loss = poisoned_gradient(output, loss)
+                acc.backward(loss)
+        result = acc.last_step
+        steps.append({"skipped": result.skipped, "loss": result.loss, "grad_norm": result.grad_norm})
+        weights.append(full_state(model))
+    hook = getattr(model, "_distaccum_checked_average", None)
+    return {
+        "steps": steps,
+        "weights": weights,
+        "hook_reductions": None if hook is None else hook.reductions,
+        "comm_hooks": len(getattr(model, "_comm_hooks", [])),
+    }
