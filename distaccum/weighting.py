@@ -217,6 +217,8 @@ class WindowLedger:
         """This rank's loss sum over the window (item-weighted with items), summed in float64."""
         if not self.losses:
             return self.loaded_loss
+        if len(self.losses) == 1 and not self.counts:  # accum_steps 1: nothing to stack
+            return self.loaded_loss + float(self.losses[0])
         losses = torch.stack(self.losses)
         if self.counts:
             weights = torch.tensor(self.counts, dtype=torch.float64, device=losses.device)

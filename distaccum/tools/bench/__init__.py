@@ -1,9 +1,10 @@
-"""``distaccum bench``: step time, gradient reductions and peak memory of eight ways to accumulate.
+"""``distaccum bench``: step time, gradient reductions and peak memory of the ways to accumulate gradients.
 
 The contenders (:mod:`distaccum.tools.bench.methods`): (a) DDP with an all-reduce on every micro-batch, (b) the
 hand-written ``no_sync`` loop, (c) distaccum, (g) distaccum with ``num_items``, (d) Accelerate's
 ``accumulate``, (e) DeepSpeed ZeRO 0, (h) distaccum driving a DeepSpeed engine (the integration), (f) the real
-batch ``micro x k`` in one pass. The models
+batch ``micro x k`` in one pass; for a fair comparison also (i) the hand-written loop and (j) distaccum, both
+clipping the gradient norm (same work), and (k) an identical copy of (b), the A/A twin. The models
 (:mod:`distaccum.tools.bench.models`): a 16.8M-parameter MLP (communication-heavy) and a small causal transformer
 over ragged token sequences (activation-heavy).
 
@@ -12,7 +13,12 @@ How it measures (the design, and why):
 * **Time**: one job of ``--nproc`` long-lived ranks builds every method of a case, then runs
   ``--warmup`` + ``--rounds`` rounds; in each round every method does one optimizer step on the same
   micro-batches, in an order that rotates every round, so machine drift (other jobs, thermal) hits all methods
-  alike. A step's time is the slowest rank's; the figure is the median over timed rounds.
+  alike. A step's time is the slowest rank's; the figure is the median over timed rounds, in wall time and in
+  the process's CPU time (the largest rank's; what the method costs whatever else the machine runs).
+* **Ratios** (:mod:`distaccum.tools.bench.report_ratios`): each method against (b) and the equal-work pairs
+  ((c)/(b), (g)/(b), (j)/(i)) as the median of per-round ratios (a round's drift cancels), with a bootstrap
+  interval; (k)/(b), two identical loops, is the measured noise floor, and the report says whether the rounds
+  used resolve 1%.
 * **Reductions**: counted while the timed steps run, never assumed: a DDP comm hook counts one call per
   gradient bucket; Python-level collectives (DeepSpeed's gradient all-reduce, distaccum's scalar window
   all-reduce) are counted by wrapping ``torch.distributed``'s functions.
@@ -24,8 +30,12 @@ How it measures (the design, and why):
   joined by a ``tc``-shaped veth pair (:mod:`distaccum.tools.bench.netns`, removed afterwards, also on failure),
   then the same timing job on loopback, next to ``distaccum plan``'s estimate at that rate.
 
-Modules, in dependency order: ``models`` and ``counting`` -> ``methods`` -> ``config``, ``netns`` and ``report`` ->
-``launch`` (starts the ranks) -> ``cli``; each rank runs ``python -m distaccum.tools.bench.worker``.
+* **Figure** (:mod:`distaccum.tools.bench.plot`, needs matplotlib): ``--plot PATH``, or ``X.png`` next to
+  ``--json X.json``: peak memory per rank against k from the memory sweep, and step time against k per method.
+
+Modules, in dependency order: ``models`` and ``counting`` -> ``methods`` -> ``config``, ``netns``, ``report_ratios``
+-> ``report`` and ``plot`` -> ``launch`` (starts the ranks) -> ``cli``; each rank runs
+``python -m distaccum.tools.bench.worker``.
 
 Example:
     ``distaccum bench --nproc 2 --json bench.json`` (a few minutes on 2 CPU cores).

@@ -12,7 +12,12 @@ from distaccum.tools.bench.launch import run_benchmark
 from distaccum.tools.bench.methods import METHODS
 from distaccum.tools.bench.models import MODELS
 from distaccum.tools.bench.netns import LinkUnavailable
+from distaccum.tools.bench.overhead import OverheadConfig, format_overhead, run_overhead
+from distaccum.tools.bench.plot import plot_results, require_matplotlib
 from distaccum.tools.bench.report import format_report
+
+_OVERHEAD_OPTIONS = {"help", "overhead", "accum_steps", "rounds", "micro_steps", "warmup", "seed", "json", "table"}
+"""What ``--overhead`` reads; it refuses any other option given."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,11 +25,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = BenchConfig()
     parser.add_argument("--nproc", type=int, default=defaults.nproc, help="ranks to start (default %(default)s)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(defaults.models))
-    parser.add_argument("--accum-steps", nargs="+", type=int, default=list(defaults.accum_steps), metavar="K")
+    parser.add_argument(
+        "--accum-steps",
+        nargs="+",
+        type=int,
+        default=None,  # None: the default of the mode, which --overhead changes
+        metavar="K",
+        help=f"default {' '.join(map(str, defaults.accum_steps))}; with --overhead "
+        f"{' '.join(map(str, OverheadConfig.accum_steps))}",
+    )
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the model's (8)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(defaults.methods))
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed rounds (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=defaults.rounds, help="timed rounds (default %(default)s)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"timed rounds (default {defaults.rounds}; --overhead {OverheadConfig.rounds})",
+    )
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip per-method peak memory")
     parser.add_argument(
         "--memory-accum-steps",
@@ -50,17 +68,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write all figures as JSON")
     parser.add_argument("--table", type=Path, default=None, metavar="PATH", help="also write the table here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write a PNG here (needs matplotlib): peak memory per rank against accum_steps from the memory sweep, "
+        "and step time against accum_steps per method; default: with --json X.json, X.png next to it when "
+        "matplotlib is installed",
+    )
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="run only the microbenchmark of distaccum's own cost per micro-step (nn.Linear(4, 4), one process, "
+        "CPU, one thread; distaccum.tools.bench.overhead) with --accum-steps, --rounds, --micro-steps, --warmup, "
+        "--seed, --json, --table",
+    )
+    parser.add_argument(
+        "--micro-steps",
+        type=int,
+        default=None,
+        metavar="M",
+        help=f"--overhead: micro-steps per variant and round (default {OverheadConfig.micro_steps})",
+    )
 
 
 def _config(args: argparse.Namespace) -> BenchConfig:
+    defaults = BenchConfig()
     return BenchConfig(
         nproc=args.nproc,
         models=tuple(args.models),
-        accum_steps=tuple(args.accum_steps),
+        accum_steps=tuple(args.accum_steps or defaults.accum_steps),
         micro_batch_size=args.micro_batch_size,
         methods=tuple(args.methods),
         warmup=args.warmup,
-        rounds=args.rounds,
+        rounds=defaults.rounds if args.rounds is None else args.rounds,
         memory=args.memory,
         memory_accum_steps=None if args.memory_accum_steps is None else tuple(args.memory_accum_steps),
         memory_sweep=tuple(args.memory_sweep),
@@ -74,12 +116,21 @@ def _config(args: argparse.Namespace) -> BenchConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``distaccum bench``: run, print the table, write ``--json`` / ``--table``; 2 on a bad option or no netns."""
+    """``distaccum bench``: run, print the table, write ``--json`` / ``--table`` / ``--plot``; 2 on a bad option
+    (``--plot`` without matplotlib included) or no netns."""
+    if args.overhead:
+        return _run_overhead(args)
+    if args.micro_steps is not None:
+        print("distaccum bench: error: --micro-steps belongs to --overhead", file=sys.stderr)
+        return 2
     try:
         config = _config(args)  # checks the options, --link-rate with --nproc included
-    except ValueError as error:
+        if args.plot is not None:
+            require_matplotlib()  # before the run, not after minutes of it
+    except (ValueError, ImportError) as error:
         print(f"distaccum bench: error: {error}", file=sys.stderr)
         return 2
+    plot = _plot_path(args)
     try:
         results = run_benchmark(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     except LinkUnavailable as error:
@@ -93,4 +144,54 @@ def run(args: argparse.Namespace) -> int:
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
         args.table.write_text(f"$ {results['command']}\n{text}\n")
+    if plot is not None:
+        plot_results(results, plot)
+    return 0
+
+
+def _plot_path(args: argparse.Namespace) -> Path | None:
+    if args.plot is not None or args.json is None:
+        return args.plot
+    try:
+        require_matplotlib()
+    except ImportError as error:
+        print(f"distaccum bench: no PNG next to {args.json}: {error}", file=sys.stderr)
+        return None
+    return args.json.with_suffix(".png")
+
+
+def _run_overhead(args: argparse.Namespace) -> int:
+    """``distaccum bench --overhead``: only the microbenchmark; 2 on a bad option, 1 when the sanity check fails."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    unused = [
+        action.option_strings[0]
+        for action in parser._actions
+        if action.dest not in _OVERHEAD_OPTIONS and getattr(args, action.dest) != action.default
+    ]
+    steps = None if args.accum_steps is None else tuple(args.accum_steps)
+    given = {"accum_steps": steps, "rounds": args.rounds, "micro_steps": args.micro_steps}
+    try:
+        if unused:
+            raise ValueError(f"--overhead runs one process on its own tiny model; drop {' '.join(unused)}")
+        config = OverheadConfig(
+            **{name: value for name, value in given.items() if value is not None},
+            warmup=args.warmup,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        print(f"distaccum bench: error: {error}", file=sys.stderr)
+        return 2
+    results = run_overhead(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+    text = format_overhead(results)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.table:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(f"$ {results['command']}\n{text}\n")
+    if not results["sanity"]["passed"]:
+        print("distaccum bench: error: the sanity check failed (weights differ, see the table)", file=sys.stderr)
+        return 1
     return 0

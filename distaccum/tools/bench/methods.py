@@ -1,4 +1,8 @@
-"""The benchmark's contenders: eight ways to run one optimizer step of ``accum_steps`` micro-batches.
+"""The benchmark's contenders: ways to run one optimizer step of ``accum_steps`` micro-batches.
+
+(a) to (h) are the ways to accumulate; (i) and (j) are the hand-written loop and distaccum, both clipping the
+global gradient norm to :data:`MAX_NORM`, so that both compute that norm (an equal-work pair); (k) is a second,
+identical copy of the hand-written loop (b): its ratio to (b) is the benchmark's measured noise floor.
 
 Each method builds its own copy of the model from the same seed, takes the same micro-batches and does one
 optimizer step per :meth:`Method.step`. Communication is counted while it runs (:mod:`.counting`): gradient
@@ -22,6 +26,12 @@ from distaccum.tools.bench.counting import CommCounter, counting_allreduce_hook
 from distaccum.tools.bench.models import Batch, ModelSpec
 
 LEARNING_RATE = 1e-3
+MAX_NORM = 0.005
+"""Clipping threshold of (i) and (j). The full MLP's reduced gradient norm (micro 8, 2 ranks, unclipped) is
+0.0048-0.0051 over the first 11 steps at k=8, so (i) and (j) clip on about half of them (6 of 11); they clip on
+every step at k=1 (0.013-0.014), on the tiny MLP (~0.1) and on both transformers (0.57-0.96), and on none at
+k=64 (0.0021-0.0022). Either way both do the same work: ``clip_grad_norm_`` computes the norm and multiplies by
+the clamped factor whether it clips or not."""
 
 
 @dataclass
@@ -47,8 +57,10 @@ class Method:
     key: ClassVar[str]
     """Name used on the command line and in JSON."""
     letter: ClassVar[str]
-    """The letter of the issue's list, (a) to (g)."""
+    """The letter of the issue's list, (a) to (g), then (h) to (k)."""
     title: ClassVar[str]
+    reference: ClassVar[str] = "no_sync"
+    """The method whose update this one must equal (the sanity check): (b), or (i) for the clipping ones."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -114,6 +126,25 @@ class HandWrittenNoSync(SyncEveryMicroBatch):
         self.optimizer.zero_grad(set_to_none=True)
 
 
+class HandWrittenNoSyncTwin(HandWrittenNoSync):
+    # The same code as (b) on its own model and optimizer: (k)/(b) can only differ by measurement noise.
+    key, letter, title = "no_sync_twin", "k", "DDP, no_sync loop again (A/A twin of (b))"
+
+
+class HandWrittenNoSyncClip(SyncEveryMicroBatch):
+    key, letter, title = "no_sync_clip", "i", "DDP, hand-written no_sync loop, clipping"
+    reference = "no_sync_clip"
+
+    def step(self, batches: Any) -> None:
+        last = len(batches) - 1
+        for index, batch in enumerate(batches):
+            with self.model.no_sync() if index < last else contextlib.nullcontext():  # type: ignore[operator]
+                (self._loss(batch) / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 class RealBatch(SyncEveryMicroBatch):
     key, letter, title = "real_batch", "f", "DDP, real batch micro x k in one pass"
 
@@ -130,30 +161,44 @@ class RealBatch(SyncEveryMicroBatch):
 class Distaccum(Method):
     key, letter, title = "distaccum", "c", "distaccum Accumulator over DDP"
     with_items: ClassVar[bool] = False
+    max_grad_norm: ClassVar[float | None] = None
 
     def __init__(self, ctx: Context) -> None:
         from distaccum import Accumulator, BatchPlan
 
         super().__init__(ctx)
-        self.model = self._ddp(self.model)
+        # No counting hook: distaccum registers its own (the average with the non-finite check folded in), as it
+        # would on a user's model; its bucket all-reduces are Python-level calls, counted while it steps.
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
         plan = BatchPlan(micro_batch_size=ctx.micro_batch_size, accum_steps=ctx.accum_steps)
-        self.acc = Accumulator(self.model, self.optimizer, plan)
+        self.acc = Accumulator(self.model, self.optimizer, plan, max_grad_norm=self.max_grad_norm)
 
     def step(self, batches: Any) -> None:
         acc = self.acc
-        for batch in batches:
-            with acc.micro_step():
-                if self.with_items:
-                    acc.backward(self._loss(batch), num_items=self.ctx.spec.num_items(batch[1]))
-                else:
-                    acc.backward(self._loss(batch))
+        self.ctx.python_gradient_reductions = True
+        try:
+            for batch in batches:
+                with acc.micro_step():
+                    if self.with_items:
+                        acc.backward(self._loss(batch), num_items=self.ctx.spec.num_items(batch[1]))
+                    else:
+                        acc.backward(self._loss(batch))
+        finally:
+            self.ctx.python_gradient_reductions = False
         assert acc.stepped, "the window did not end with the round"
 
 
 class DistaccumItems(Distaccum):
     key, letter, title = "distaccum_items", "g", "distaccum with num_items (exact weighting)"
     with_items = True
+
+
+class DistaccumClip(Distaccum):
+    key, letter, title = "distaccum_clip", "j", "distaccum, clipping (max_grad_norm)"
+    reference = "no_sync_clip"
+    max_grad_norm = MAX_NORM
 
 
 class AccelerateAccumulate(Method):
@@ -205,7 +250,7 @@ class DeepSpeedZero0(Method):
             "gradient_accumulation_steps": ctx.accum_steps,
             "train_batch_size": ctx.micro_batch_size * ctx.accum_steps * ctx.world_size,
             "zero_optimization": {"stage": 0},
-            # DeepSpeed 0.19 clips at 1.0 unless told otherwise; the other methods do not clip.
+            # DeepSpeed 0.19 clips at 1.0 unless told otherwise; only (i) and (j) clip (at MAX_NORM).
             "gradient_clipping": 0.0,
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
@@ -261,15 +306,19 @@ METHODS: dict[str, type[Method]] = {
     for method in (
         SyncEveryMicroBatch,
         HandWrittenNoSync,
+        HandWrittenNoSyncTwin,
         Distaccum,
         DistaccumItems,
+        HandWrittenNoSyncClip,
+        DistaccumClip,
         AccelerateAccumulate,
         DeepSpeedZero0,
         DistaccumDeepSpeed,
         RealBatch,
     )
 }
-"""All methods: the issue's (a) to (g), and (h) distaccum driving a DeepSpeed engine."""
+"""All methods: the issue's (a) to (g), (h) distaccum driving a DeepSpeed engine, the clipping pair (i) and (j),
+and (k) the A/A twin of (b)."""
 
 
 def method_labels() -> dict[str, str]:

@@ -1,4 +1,8 @@
-"""Turn the ranks' raw benchmark records into figures (:func:`summarize`) and a printable report."""
+"""Turn the ranks' raw benchmark records into figures (:func:`summarize`) and a printable report.
+
+JSON keys of the ratios (``time_vs_no_sync``, ``cpu_vs_no_sync``, ``paired_vs_no_sync``, ``equal_work_pairs``,
+``noise_floor``) and of the update checks: :mod:`distaccum.tools.bench.report_ratios`.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,12 @@ import math
 import statistics
 from typing import Any
 
-from distaccum.tools.bench.methods import method_labels
+from distaccum.tools.bench.methods import METHODS, method_labels
+from distaccum.tools.bench.report_ratios import BASELINE, format_ratios, paired_ratios, quantile
 from distaccum.tools.planner import DEFAULT_LATENCY_S, mode_traffic
 
 MIB = 1024 * 1024
-BASELINE = "no_sync"
-"""Every ratio is against (b), the hand-written ``no_sync`` loop."""
 TARGETS = {"time_vs_no_sync": 1.01, "memory_virtual_vs_real_micro": 1.05}
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _one_or_all(values: set[int]) -> int | list[int]:
@@ -60,19 +56,22 @@ def _summarize_case(ranks: list[dict[str, Any]], memory: dict[tuple[Any, ...], d
         cpu = [max(values) for values in zip(*(r.get("cpu_seconds", []) for r in records), strict=True)]
         fingerprints = [r["fingerprint"] for r in records]
         mem = memory.get((case["model"], case["micro_batch_size"], case["accum_steps"], name))
+        reference = METHODS[name].reference if name in METHODS else None
         methods[name] = {
             "label": labels[name],
             "seconds_per_step": seconds,
             "median_s": median,
-            "p25_s": _quantile(seconds, 0.25),
-            "p75_s": _quantile(seconds, 0.75),
-            "spread": (_quantile(seconds, 0.75) - _quantile(seconds, 0.25)) / median if median else 0.0,
+            "p25_s": quantile(seconds, 0.25),
+            "p75_s": quantile(seconds, 0.75),
+            "spread": (quantile(seconds, 0.75) - quantile(seconds, 0.25)) / median if median else 0.0,
             "cpu_seconds_per_step": cpu,
             "median_cpu_s": statistics.median(cpu) if cpu else None,
             "gradient_reductions_per_step": _one_or_all({c for r in records for c in r["gradient_reductions"]}),
             "other_collectives_per_step": _one_or_all({c for r in records for c in r["other_collectives"]}),
             "all_reduce_bytes_per_step": _one_or_all({c for r in records for c in r.get("bytes", [])} or {0}),
             "update_mismatch_vs_no_sync": records[0]["update_mismatch"][0],
+            "update_reference": reference if reference in ranks[0]["methods"] else None,
+            "update_mismatch_vs_reference": records[0].get("update_mismatch_vs_reference", [None])[0],
             "replicas_agree": all(
                 math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
                 for fp in fingerprints
@@ -92,7 +91,7 @@ def _summarize_case(ranks: list[dict[str, Any]], memory: dict[tuple[Any, ...], d
         entry["peak_vs_no_sync"] = (
             entry["peak_mib"] / base["peak_mib"] if base and base["peak_mib"] and entry["peak_mib"] else None
         )
-    return {**case, "gradient": ranks[0].get("gradient"), "methods": methods}
+    return {**case, "gradient": ranks[0].get("gradient"), "methods": methods, **paired_ratios(methods)}
 
 
 def _sweep(config: dict[str, Any], memory: dict[tuple[Any, ...], dict[str, Any]], micro: dict[str, int]) -> list[Any]:
@@ -145,6 +144,7 @@ def _targets(cases: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> dict[s
                 "distaccum_vs_deepspeed": _ratio(case, "distaccum", "deepspeed"),
                 "items_vs_distaccum": _ratio(case, "distaccum_items", "distaccum"),
                 "items_vs_distaccum_cpu": _ratio(case, "distaccum_items", "distaccum", "median_cpu_s"),
+                "noise_floor_resolves": (case.get("noise_floor") or {}).get("resolves"),
             }
         )
     memory = [row["virtual_vs_real_micro"] for row in sweep if row["virtual_vs_real_micro"] is not None]
@@ -263,6 +263,13 @@ def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _update(case: dict[str, Any], entry: dict[str, Any]) -> str:
+    reference, mismatch = entry.get("update_reference"), entry.get("update_mismatch_vs_reference")
+    if reference is None or mismatch is None:
+        return f"{entry['update_mismatch_vs_no_sync']:.1e} (b)"
+    return f"{mismatch:.1e} {case['methods'][reference]['label'].partition(' ')[0]}"
+
+
 def _counts(value: int | list[int]) -> str:
     return str(value) if isinstance(value, int) else "/".join(map(str, value))
 
@@ -282,7 +289,7 @@ def format_report(results: dict[str, Any]) -> str:
     header = (
         f"{'method':<47} {'s/step':>8} {'IQR':>5} {'vs (b)':>7} {'CPU s':>7} {'vs (b)':>7} {'grad red./step':>14} "
         f"{'other coll.':>11} "
-        f"{memory_kind + '/rank':>18} {'vs (b)':>7} {'update vs (b)':>13}"
+        f"{memory_kind + '/rank':>18} {'vs (b)':>7} {'update vs ref':>13}"
     )
     for case in results["cases"]:
         lines += [
@@ -299,8 +306,9 @@ def format_report(results: dict[str, Any]) -> str:
                 f"{_fmt(entry['time_vs_no_sync'], '.3f'):>6}x {_fmt(entry['median_cpu_s'], '.4f'):>7} "
                 f"{_fmt(entry['cpu_vs_no_sync'], '.3f'):>6}x {_counts(entry['gradient_reductions_per_step']):>14} "
                 f"{_counts(entry['other_collectives_per_step']):>11} {_fmt(entry['peak_mib'], '.0f'):>18} "
-                f"{_fmt(entry['peak_vs_no_sync'], '.3f'):>7} {entry['update_mismatch_vs_no_sync']:>13.1e}{agree}"
+                f"{_fmt(entry['peak_vs_no_sync'], '.3f'):>7} {_update(case, entry):>13}{agree}"
             )
+        lines += format_ratios(case)
     if results["memory_sweep"]:
         lines += [
             "",

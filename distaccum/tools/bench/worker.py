@@ -123,10 +123,15 @@ def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context, reduced
         "bytes": sum(p.numel() * p.element_size() for p in parameters),
     }
     finals = {name: _flat(methods[name].parameters()) for name in names}
-    reference = finals.get("no_sync", finals[names[0]])
-    update = float((reference - initial).norm())
+
+    def mismatch(name: str, reference: torch.Tensor) -> float:
+        return float((finals[name] - reference).norm()) / max(float((reference - initial).norm()), 1e-300)
+
     for name in names:
-        records[name]["update_mismatch"] = [float((finals[name] - reference).norm()) / max(update, 1e-300)]
+        records[name]["update_mismatch"] = [mismatch(name, finals.get("no_sync", finals[names[0]]))]
+        # The clipping methods make another update than (b): their sanity check is against their own reference.
+        own = METHODS[name].reference
+        records[name]["update_mismatch_vs_reference"] = [mismatch(name, finals[own]) if own in finals else None]
         records[name]["fingerprint"] = [float(finals[name].sum()), float(finals[name].norm())]
         methods[name].close()
     methods.clear()
