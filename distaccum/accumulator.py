@@ -243,13 +243,13 @@ class Accumulator(AccumulatorState):
     def _finish_window(self, *, local: bool = False, reduced: bool = False) -> None:
         try:
             params = params_of(self.optimizer)
-            # Without a norm, ranks holding different parts of the gradient check theirs for NaN/inf now, and the
-            # all-reduce below makes it one decision; replicated gradients are checked in the step's multiply.
-            precheck = not (local or self._norm or self._backend.replicated)
+            # Without a norm (which decides it then), a NaN/inf flag known now (from the reduction, or each shard's)
+            # rides on the all-reduce below, which makes it one decision; else the step's multiply checks.
+            early = None if local or self._norm else self._backend.early_nonfinite(params)
             if local:  # a boundary that joined no reduction (see _abandon_micro_step): skipped, without collectives
                 window = self._window.close_locally()
             else:
-                stats = self._window.local_stats(self._backend.local_nonfinite(params) if precheck else 0.0)
+                stats = self._window.local_stats(0.0 if early is None else early)
                 totals = collectives.sum_checking_step(stats, self.optimizer_steps)
                 window = self._window.close(totals, self._backend.averaging_ranks)
             if window.retry:  # some rank ran out of memory: no step; split() runs the window again, smaller
@@ -260,7 +260,7 @@ class Accumulator(AccumulatorState):
             if self._auto and not reduced and not window.skip:  # the one reduction, now that no rank ran out
                 resize.reduce_window(self._backend, params, factor * window.before_reduction)
                 factor = 1.0
-            number, nonfinite = self.optimizer_steps + 1, window.nonfinite if precheck else None
+            number, nonfinite = self.optimizer_steps + 1, None if early is None else window.nonfinite
             grad_norm, skipped = self._backend.step(
                 self.optimizer,
                 params,

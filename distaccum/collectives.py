@@ -41,12 +41,22 @@ def bind_device(model: nn.Module) -> None:
         torch.cuda.set_device(device)
 
 
-def sum_over_ranks(values: Sequence[float]) -> list[float]:
-    """Element-wise sum over ranks of a few scalars, in one all-reduce (the values themselves in one process)."""
-    if not active():
+def sum_over_ranks(values: Sequence[float | torch.Tensor]) -> list[float]:
+    """Element-wise sum over ranks of a few scalars, in one all-reduce (the values themselves in one process).
+
+    A value may be a 0-dim tensor still on its device (a loss sum, a non-finite flag): it joins the others there,
+    so the whole sum costs one host read, not one per device value.
+    """
+    tensors = [(index, value) for index, value in enumerate(values) if isinstance(value, torch.Tensor)]
+    if not active() and not tensors:
         return [float(value) for value in values]
-    reduced = torch.tensor(values, dtype=torch.float64, device=comm_device())
-    torch_dist.all_reduce(reduced)
+    device = comm_device() if active() else tensors[0][1].device
+    host = [0.0 if isinstance(value, torch.Tensor) else float(value) for value in values]
+    reduced = torch.tensor(host, dtype=torch.float64).to(device, non_blocking=True)
+    for index, value in tensors:
+        reduced[index] = value.detach().reshape(())
+    if active():
+        torch_dist.all_reduce(reduced)
     return [float(value) for value in reduced.tolist()]
 
 
@@ -103,7 +113,7 @@ def check_plan_agreement(plan: BatchPlan, micro_step: int, step: int, setup: dic
     )
 
 
-def sum_checking_step(values: Sequence[float], step: int) -> list[float]:
+def sum_checking_step(values: Sequence[float | torch.Tensor], step: int) -> list[float]:
     """:func:`sum_over_ranks` of ``values``, checking in the same all-reduce that every rank is at ``step``.
 
     Equal steps are the only ones whose sum ``s`` and sum of squares ``q`` over ``W`` ranks satisfy

@@ -215,22 +215,29 @@ class WindowLedger:
 
     def loss_total(self) -> float:
         """This rank's loss sum over the window (item-weighted with items), summed in float64."""
+        return float(self._loss_sum())
+
+    def _loss_sum(self) -> float | torch.Tensor:
+        # On an accelerator the sum stays there (a 0-dim tensor) and is read with the window's other scalars.
         if not self.losses:
             return self.loaded_loss
-        if len(self.losses) == 1 and not self.counts:  # accum_steps 1: nothing to stack
+        if len(self.losses) == 1 and not self.counts and self.losses[0].device.type == "cpu":  # nothing to stack
             return self.loaded_loss + float(self.losses[0])
         losses = torch.stack(self.losses)
         if self.counts:
-            weights = torch.tensor(self.counts, dtype=torch.float64, device=losses.device)
-            return self.loaded_loss + float(torch.dot(losses.to(torch.float64), weights))
-        return self.loaded_loss + float(losses.sum(dtype=torch.float64))
+            weights = torch.tensor(self.counts, dtype=torch.float64).to(losses.device, non_blocking=True)
+            total = torch.dot(losses.to(torch.float64), weights)
+        else:
+            total = losses.sum(dtype=torch.float64)
+        return self.loaded_loss + (float(total) if total.device.type == "cpu" else total)
 
-    def local_stats(self, nonfinite: float = 0.0) -> list[float]:
+    def local_stats(self, nonfinite: float | torch.Tensor = 0.0) -> list[float | torch.Tensor]:
         """This rank's window, to be summed over ranks: items, loss sum, micro-steps, item ranks, mean ranks,
-        discarding ranks, ranks out of memory, ranks whose part of the gradient is not finite (``nonfinite``)."""
+        discarding ranks, ranks out of memory, ranks whose part of the gradient is not finite (``nonfinite``). The
+        loss sum and the flag may be tensors on the model's device (read once, with the sum over ranks)."""
         return [
             float(self.items),
-            self.loss_total(),
+            self._loss_sum(),
             float(self.position),
             float(self.mode == "items"),
             float(self.mode == "mean"),

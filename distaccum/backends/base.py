@@ -138,16 +138,20 @@ class Backend:
         full = getattr(total, "full_tensor", None)  # DTensor (FSDP2): partial norms over shards
         return full() if full is not None else total
 
-    def local_nonfinite(self, params: Params) -> float:
-        """Whether this rank's part of the reduced gradient holds a NaN/inf (1.0) or not (0.0): a read of the
-        gradients, for wrappers whose ranks hold different parts (:attr:`replicated` False); the boundary's
-        all-reduce, which happens anyway, makes the decision global."""
-        found = None
+    def early_nonfinite(self, params: Params) -> float | torch.Tensor | None:
+        """Whether the reduced gradient holds a NaN/inf (nonzero) or not, known before the boundary's all-reduce,
+        which then makes it one decision for every rank; None: checked later, at the step, in the multiply that
+        applies the window factor (gradients every rank holds whole, :attr:`replicated`).
+
+        Ranks holding different parts read theirs here (a flag on their device, read with the all-reduce)."""
+        if self.replicated:
+            return None
+        found: torch.Tensor | None = None
         for grads in _groups(grads_of(params)):
             local = [getattr(g, "_local_tensor", g) for g in grads]  # a DTensor shard: its own elements
-            norms = torch.stack(torch._foreach_norm(local, math.inf))
-            found = norms.sum() if found is None else found + norms.sum().to(found.device)
-        return 0.0 if found is None else float(not math.isfinite(found))
+            flag = torch.stack(torch._foreach_norm(local, math.inf)).sum().isfinite().logical_not()
+            found = flag if found is None else found | flag.to(found.device)
+        return 0.0 if found is None else found
 
     def check_and_scale(self, params: Params, factor: float) -> bool:
         """Multiply the (replicated) reduced gradients by ``factor`` and say whether any was NaN/inf, in one fused

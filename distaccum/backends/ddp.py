@@ -57,11 +57,11 @@ class DDPBackend(Backend):
             return contextlib.nullcontext()
         return self.model.no_sync()  # type: ignore[operator]
 
-    def check_and_scale(self, params: Params, factor: float) -> bool:
+    def early_nonfinite(self, params: Params) -> float | torch.Tensor | None:
         hook = self.hook
-        if hook is not None and hook.checked and factor == 1.0:  # the boundary reduction checked it already
-            return hook.take_found()
-        return super().check_and_scale(params, factor)
+        if hook is not None and hook.checked:  # the boundary reduction checked it already, on every rank alike
+            return hook.take_flag()
+        return None
 
     def step(
         self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, window: StepWindow
@@ -70,12 +70,12 @@ class DDPBackend(Backend):
             return super().step(optimizer, params, options, window)
         finally:
             if self.hook is not None:
-                self.hook.take_found()  # whatever the step used, the next window starts unchecked
+                self.hook.reset()  # whatever the step used, the next window starts unchecked
 
     def discard_grads(self, optimizer: torch.optim.Optimizer) -> None:
         super().discard_grads(optimizer)
         if self.hook is not None:
-            self.hook.take_found()
+            self.hook.reset()
 
     def reduce_pending(self, params: Params) -> None:
         """All-reduce gradients accumulated under ``no_sync`` by hand (a short window at the end of data, or every
@@ -86,7 +86,7 @@ class DDPBackend(Backend):
             if param.grad is None and param.requires_grad:
                 param.grad = torch.zeros_like(param)
         if self.hook is not None:
-            self.hook.take_found()  # reduced by hand, not through the hook: the step checks the gradients itself
+            self.hook.reset()  # reduced by hand, not through the hook: the step checks the gradients itself
         group = getattr(self.model, "process_group", None)
         for bucket in buckets(grads_of(params), int(getattr(self.model, "bucket_bytes_cap", 25 * 2**20))):
             flat = torch._utils._flatten_dense_tensors(bucket)
@@ -125,7 +125,7 @@ class CheckedAverage:
         self.reductions = 0
         """Bucket all-reduces so far (what a benchmark or test counts)."""
         self.checked = False
-        """Some bucket was reduced (and checked) since the last :meth:`take_found`."""
+        """Some bucket was reduced (and checked) since the last :meth:`take_flag` or :meth:`reset`."""
         self._found: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
@@ -162,13 +162,20 @@ class CheckedAverage:
         self.checked = True
         return reduced
 
-    def take_found(self) -> bool:
-        """Whether a checked bucket held a NaN/inf since the last call; starts the next window unchecked."""
-        found = any(bool(flag.item()) for flag in self._found.values()) if self.checked else False
+    def take_flag(self) -> torch.Tensor | float:
+        """Nonzero when a checked bucket held a NaN/inf since the last call (a tensor on the buckets' device: read
+        with the window's scalars); starts the next window unchecked."""
+        found: torch.Tensor | float = 0.0
+        for flag in self._found.values() if self.checked else ():
+            found = flag.sum() if isinstance(found, float) else found + flag.sum().to(found.device)  # new tensors
+        self.reset()
+        return found
+
+    def reset(self) -> None:
+        """Forget what was checked (the window ended, or its gradients were reduced another way)."""
         for flag in self._found.values():
             flag.zero_()
         self.checked = False
-        return found
 
 
 def _checked_average_hook(state: CheckedAverage, bucket: torch_dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -102,5 +102,6 @@ def test_no_host_sync_inside_a_window_and_few_at_the_boundary(clip):
         torch.cuda.set_sync_debug_mode(previous)
     print(f"host syncs (clip={clip}): {syncs} over {STEPS} steps of {ACCUM} micro-steps")
     assert syncs["inside"] == 0
-    # The boundary reads the window's scalars once, the non-finite flag once, and with clipping the norm once.
-    assert syncs["boundary"] <= STEPS * (2 if clip is None else 3)
+    # The boundary reads the window's scalars once (the loss sum still on the GPU, read with them), then either the
+    # non-finite flag of the multiply that applies the window factor or, clipping, the norm.
+    assert syncs["boundary"] <= STEPS * 2
