@@ -51,6 +51,8 @@ class Accumulator(AccumulatorState):
             decay (e.g. 0.95; None: off, no cost): one norm per window (:mod:`distaccum.noise`).
         report_grad_norm: compute the global gradient norm into ``last_step.grad_norm`` even without clipping (one
             read of the gradients per step; with ``max_grad_norm`` or ``noise_scale`` it is computed anyway).
+        accumulate_dtype: ``torch.float32`` sums bf16/fp16 gradients in float32, rounded once per step (None: not).
+            ``"auto"``: float32 if accum_steps > 1 on plain/DDP: the bf16 sum's error grows with k (:mod:`.precision`).
 
     Raises:
         ValueError: bad argument, a plan made for another world size, or an unwrapped model on several ranks.
@@ -81,6 +83,7 @@ class Accumulator(AccumulatorState):
         auto_micro_batch: bool = False,
         noise_scale: float | None = None,
         report_grad_norm: bool = False,
+        accumulate_dtype: precision.AccumulateDtype = "auto",
     ) -> None:
         self._plans = PlanTracker(plan, auto_micro_batch=auto_micro_batch)
         plan = self._plans.plan  # a schedule's first stage
@@ -97,10 +100,10 @@ class Accumulator(AccumulatorState):
         self._backend = backends.select(model, plan.world_size)
         self._backend.check_options(self._options)
         most = self._plans.largest_accum_steps
-        precision.warn_if_low(params_of(optimizer), most, self._backend.accumulation_dtype())
         bn = BatchNormWindow.attach(model, batch_norm, most)
         noise = NoiseScale.checked(noise_scale, self.backend, self.grads_in_params)
         self._window = WindowLedger(plan.accum_steps, bn, deferred=auto_micro_batch, noise=noise)
+        self._fp32 = precision.Fp32Window.build(accumulate_dtype, optimizer, most, self._backend, self._window)
         self._auto = auto_micro_batch
         if auto_micro_batch:
             resize.check_model(model, self.backend, batch_norm)
@@ -156,7 +159,7 @@ class Accumulator(AccumulatorState):
         self._boundary_now = boundary
         self._backward_done = False
         self.stepped = False
-        if boundary and not self._auto:  # auto_micro_batch: reduced by hand after the ranks agreed none ran out
+        if boundary and not self._auto and self._fp32 is None:  # else reduced by hand (resize.py, precision.py)
             self._backend.before_sync()
             return MicroStep(self, boundary, None)
         return MicroStep(self, boundary, self._backend.no_sync())
@@ -234,7 +237,7 @@ class Accumulator(AccumulatorState):
         scaled = loss * scale
         if self.grad_scaler is not None:
             scaled = self.grad_scaler.scale(scaled)
-        self._backend.backward(scaled)
+        (self._fp32 or self._backend).backward(scaled)  # the fp32 window folds bf16/fp16 gradients into its sums
         self._backward_done = True
         if window.noise is not None and window.position == 0 and not self._boundary_now:
             loss_scale = scale * (self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0)
@@ -253,11 +256,13 @@ class Accumulator(AccumulatorState):
                 totals = collectives.sum_checking_step(stats, self.optimizer_steps)
                 window = self._window.close(totals, self._backend.averaging_ranks)
             if window.retry:  # some rank ran out of memory: no step; split() runs the window again, smaller
-                self._backend.discard_grads(self.optimizer)
+                (self._fp32 or self._backend).discard_grads(self.optimizer)
                 self._use(self._plans.use_micro_batch_size(resize.shrink(self), self.optimizer_steps))
                 return
             factor = 1.0 if window.skip else window.factor
-            if self._auto and not reduced and not window.skip:  # the one reduction, now that no rank ran out
+            if self._fp32 is not None:  # float32 sums of bf16/fp16 gradients: reduced by hand, rounded once
+                factor = self._fp32.finish(params, factor, window.before_reduction, skip=window.skip)
+            elif self._auto and not reduced and not window.skip:  # the one reduction, now that no rank ran out
                 resize.reduce_window(self._backend, params, factor * window.before_reduction)
                 factor = 1.0
             number, nonfinite = self.optimizer_steps + 1, None if early is None else window.nonfinite
@@ -284,7 +289,7 @@ class Accumulator(AccumulatorState):
             )
         except BaseException:
             # The boundary work failed (a refusal, on_nonfinite="raise"): its gradients must not reach a later step.
-            self._backend.discard_grads(self.optimizer)
+            (self._fp32 or self._backend).discard_grads(self.optimizer)
             raise
         finally:
             self._window.reset()
@@ -296,7 +301,7 @@ class Accumulator(AccumulatorState):
             raise RuntimeError("acc.flush() was called inside `with acc.micro_step():`; call it after the loop")
         if collectives.sum_over_ranks([self._window.position])[0] == 0:
             return None
-        self._backend.reduce_pending(params_of(self.optimizer))
+        (self._fp32 or self._backend).reduce_pending(params_of(self.optimizer))
         self._finish_window(reduced=True)
         return self.last_step
 

@@ -14,6 +14,7 @@ import torch
 
 from distaccum.backends import Backend, params_of
 from distaccum.plan import BatchPlan
+from distaccum.precision import Fp32Window
 from distaccum.schedule import PlanTracker
 from distaccum.weighting import WindowLedger
 
@@ -27,6 +28,7 @@ class AccumulatorState:
     _plans: PlanTracker
     _window: WindowLedger
     _backend: Backend
+    _fp32: Fp32Window | None
     _agreed: bool
     _in_micro_step: bool
     _boundary_now: bool
@@ -71,7 +73,8 @@ class AccumulatorState:
 
         Args:
             include_grads: also save the gradients accumulated so far in an unfinished window (under ``"grads"``,
-                one tensor or None per optimizer parameter), so that a resume mid-window loses nothing. Under
+                one tensor or None per optimizer parameter; the float32 sums of bf16/fp16 gradients where
+                ``accumulate_dtype`` keeps them), so that a resume mid-window loses nothing. Under
                 DDP they are this rank's own unreduced gradients: every rank must save its own state. At a
                 window boundary there are none (they were zeroed by the step) and nothing is added.
 
@@ -87,7 +90,8 @@ class AccumulatorState:
             **self._window.state_dict(),
         }
         if include_grads and self._window.position:
-            state["grads"] = self._backend.window_grads(params_of(self.optimizer), where=self._window.where)
+            # With float32 sums of bf16/fp16 gradients (distaccum.precision), those sums, in float32.
+            state["grads"] = (self._fp32 or self._backend).window_grads(params_of(self.optimizer), self._window.where)
             if self._window.batch_norm is not None:  # this rank's own, as the gradients
                 state["window_batch_norm"] = self._window.batch_norm.state_dict()
         return state
@@ -116,7 +120,7 @@ class AccumulatorState:
                 self._window.batch_norm.load_state_dict(batch_norm)  # checks the layers before anything changes
         if grads is not None:
             try:
-                self._backend.restore_window_grads(params_of(self.optimizer), grads)
+                (self._fp32 or self._backend).restore_window_grads(params_of(self.optimizer), grads)
             except ValueError:
                 if self._window.batch_norm is not None:
                     self._window.batch_norm.reset()
@@ -139,6 +143,8 @@ class AccumulatorState:
             self._window.discarded = True
 
     def _discard_window(self) -> None:  # local, unsynced gradients of a window that will never step
+        if self._fp32 is not None:
+            self._fp32.sums.clear()
         self.optimizer.zero_grad(set_to_none=True)
         self._window.reset()
 

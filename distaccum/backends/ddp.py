@@ -87,13 +87,22 @@ class DDPBackend(Backend):
                 param.grad = torch.zeros_like(param)
         if self.hook is not None:
             self.hook.reset()  # reduced by hand, not through the hook: the step checks the gradients itself
+        self.reduce_tensors(grads_of(params))
+
+    def reduce_tensors(self, tensors: list[torch.Tensor], factor: float = 1.0) -> None:
+        """Average ``tensors`` over the ranks in place and multiply them by ``factor`` (folded into the division),
+        one all-reduce per bucket of DDP's ``bucket_cap_mb`` (runs of one dtype and device, in order): every rank
+        must pass tensors of the same shapes, dtypes and order."""
         group = getattr(self.model, "process_group", None)
-        for bucket in buckets(grads_of(params), int(getattr(self.model, "bucket_bytes_cap", 25 * 2**20))):
+        for bucket in buckets(tensors, int(getattr(self.model, "bucket_bytes_cap", 25 * 2**20))):
             flat = torch._utils._flatten_dense_tensors(bucket)
             torch_dist.all_reduce(flat, group=group)
-            flat.div_(self.world_size)
-            for grad, reduced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
-                grad.copy_(reduced)
+            if factor == 1.0:
+                flat.div_(self.world_size)
+            else:
+                flat.mul_(factor / self.world_size)
+            for tensor, reduced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
+                tensor.copy_(reduced)
 
 
 def buckets(grads: list[torch.Tensor], cap_bytes: int) -> list[list[torch.Tensor]]:

@@ -146,3 +146,16 @@ def test_noise_scale_example_reports_the_estimate_next_to_the_brute_force() -> N
     assert len(exact) == 2 and all(value > 0 for value in online + exact), output
     # The smoothed estimate is of the brute force's order (the committed run: 38-73 against 73 and 58).
     assert all(exact[0] / 3 < value < exact[0] * 3 for value in online[2:7]), output
+
+
+def test_precision_example_shows_float32_sums_staying_at_the_real_batch() -> None:
+    doc = (EXAMPLES / "precision.py").read_text().split('"""')[1]
+    assert "python examples/precision.py" in doc and "torchrun" in doc and "examples/precision.txt" in doc
+    output = launch([sys.executable, EXAMPLES / "precision.py", "--ks", "1", "64", "--windows", "1"])
+    rows = {int(row[0]): row for row in (line.split() for line in output.splitlines()) if len(row) == 10}
+    assert sorted(rows) == [1, 64], output
+    assert rows[1][2] == rows[1][3], output  # one micro-step: the same gradient in either dtype
+    in_bf16, in_fp32, one_backward = (float(rows[64][column]) for column in (2, 3, 4))
+    # The committed run (examples/precision.txt): 1.0e-2 summed in bf16, 4.4e-3 in float32, 4.1e-3 one bf16 backward.
+    assert in_fp32 < 0.6 * in_bf16 and in_fp32 < 1.3 * one_backward, output
+    assert int(rows[64][7]) == 2 * int(rows[64][6]), output  # float32 sums: twice the bytes of the bf16 gradients
