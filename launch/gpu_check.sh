@@ -9,7 +9,7 @@
 # a failing step does not stop the others, and the script exits 1 if any failed:
 #   install        pip install --no-deps --no-build-isolation -e .   (nothing is downloaded)
 #   env            nvidia-smi, torch/CUDA versions, `distaccum env`
-#   cuda-tests     the CUDA-marked tests (fp16 + GradScaler and the virtual = real batch test on the GPU)
+#   cuda-tests     the CUDA-marked tests (fp16 + GradScaler, the virtual = real batch test, host syncs per step)
 #   one-process    examples/train.py on the GPU, one process
 #   two-ranks      the same under torchrun x2 sharing the GPU (DISTACCUM_BACKEND=gloo: NCCL refuses 2 ranks on 1 GPU)
 #   nccl-one-rank  a DDP model over a real one-rank NCCL process group, accumulating 4 micro-batches per step
