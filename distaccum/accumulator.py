@@ -324,27 +324,27 @@ class Accumulator(AccumulatorState):
 
 
 class MicroStep:
-    """What ``acc.micro_step()`` returns: the ``with`` block of one micro-step (a plain class, not a generator:
-    it is entered on every micro-batch)."""
+    """The ``with`` block of one micro-step (a plain class rather than a generator: it is entered every micro-batch)."""
 
     __slots__ = ("_acc", "_boundary", "_no_sync")
 
     def __init__(self, acc: Accumulator, boundary: bool, no_sync: contextlib.AbstractContextManager[None] | None):
-        self._acc = acc
-        self._boundary = boundary
-        self._no_sync = no_sync
+        self._acc, self._boundary, self._no_sync = acc, boundary, no_sync
 
     def __enter__(self) -> Accumulator:
         if self._no_sync is not None:
-            self._no_sync.__enter__()
+            try:
+                self._no_sync.__enter__()
+            except BaseException as error:  # no __exit__ follows: abandon the micro-step here
+                self._acc._end_micro_step(self._boundary, error)
+                raise
         return self._acc
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> bool:
-        try:
-            if self._no_sync is not None:
-                self._no_sync.__exit__(kind, error, traceback)  # restores the wrapper's sync flag, as it found it
-        except BaseException as raised:
-            if raised is not error:  # the wrapper's own failure: the micro-step is abandoned, and it propagates
+        if self._no_sync is not None:
+            try:  # restores the wrapper's sync flag as it found it; a generator's re-raise of `error` returns False
+                self._no_sync.__exit__(kind, error, traceback)
+            except BaseException as raised:  # the wrapper's own failure: the micro-step is abandoned, it propagates
                 self._acc._end_micro_step(self._boundary, raised)
                 raise
         return self._acc._end_micro_step(self._boundary, error)

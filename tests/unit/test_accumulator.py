@@ -445,3 +445,27 @@ def test_gradients_left_before_the_first_micro_step_are_named_with_the_fix():
         warnings.simplefilter("error")
         with fresh.micro_step():
             fresh.backward(loss_fn(model(torch.randn(4, 8)), torch.randn(4, 4)))
+
+
+def test_a_wrapper_whose_no_sync_fails_to_enter_leaves_the_accumulator_usable():
+    # The with-block object abandons the micro-step itself when the wrapper's context fails on entry (no __exit__
+    # follows): the next micro-step must not be refused as nested.
+    model, acc = accumulator(accum_steps=2)
+
+    class Failing:
+        def __enter__(self):
+            raise RuntimeError("the wrapper could not turn off its gradient sync")
+
+        def __exit__(self, *exc):
+            return False
+
+    real_no_sync = acc._backend.no_sync
+    acc._backend.no_sync = Failing
+    x, y = make_data(1, 2 * MICRO)
+    with pytest.raises(RuntimeError, match="could not turn off"):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x[0, :MICRO]), y[0, :MICRO]))
+    acc._backend.no_sync = real_no_sync
+    with acc.micro_step():  # the window's boundary: the failed micro-step counted, and the window is discarded
+        acc.backward(loss_fn(model(x[0, MICRO:]), y[0, MICRO:]))
+    assert acc.last_step.skipped and acc.optimizer_steps == 1
