@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from distaccum.tools.bench.config import BenchConfig
 from distaccum.tools.bench.launch import run_benchmark
@@ -137,6 +138,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"distaccum bench: error: {error}", file=sys.stderr)
         return 2
     text = format_report(results)
+    _write(args, results, text)
+    if plot is not None:
+        plot_results(results, plot)
+    return 0
+
+
+def _write(args: argparse.Namespace, results: dict[str, Any], text: str) -> None:
+    """Print the table; write ``--json`` and ``--table`` where asked."""
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -144,9 +153,6 @@ def run(args: argparse.Namespace) -> int:
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
         args.table.write_text(f"$ {results['command']}\n{text}\n")
-    if plot is not None:
-        plot_results(results, plot)
-    return 0
 
 
 def _plot_path(args: argparse.Namespace) -> Path | None:
@@ -184,13 +190,7 @@ def _run_overhead(args: argparse.Namespace) -> int:
         return 2
     results = run_overhead(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     text = format_overhead(results)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    if args.table:
-        args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.write_text(f"$ {results['command']}\n{text}\n")
+    _write(args, results, text)
     if not results["sanity"]["passed"]:
         print("distaccum bench: error: the sanity check failed (weights differ, see the table)", file=sys.stderr)
         return 1
