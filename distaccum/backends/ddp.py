@@ -6,7 +6,9 @@ bucket as DDP's default does, then divides it by the world size and checks it fo
 and the non-finite guard costs no pass over the gradients of its own. The hook is registered at the first
 boundary; a model that has a comm hook by then (the user's: compression, PowerSGD) keeps it, and the check is
 one read of the gradients at the step instead (DDP allows one hook per model: a script that registers its own
-after the first optimizer step gets torch's "can only be called once" error).
+after the first optimizer step gets torch's "can only be called once" error). DDP's Python reducer
+(``torch._dynamo.config.optimize_ddp = "python_reducer"``, which compiled autograd needs) calls comm hooks per
+parameter, not per bucket: there the check is also the step's.
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ class DDPBackend(Backend):
         # Accumulator (DDP takes only one) keeps it, and its reductions are then checked at the step instead.
         if not self._hook_tried:
             self._hook_tried = True
-            self.hook = CheckedAverage.attach(self.model)
+            # DDP's Python reducer (optimize_ddp="python_reducer", for compiled autograd) calls comm hooks once per
+            # parameter with (grad, param), not with a GradBucket: ours would fail there, so the step checks instead.
+            if not getattr(self.model, "_use_python_reducer", False):
+                self.hook = CheckedAverage.attach(self.model)
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         if not self._graph_recorded:
