@@ -153,6 +153,7 @@ class Fp32Window:
         self.sums: dict[torch.Tensor, torch.Tensor] = {}
         """Per bf16/fp16 parameter: the float32 sum of its micro-gradients so far in the open window."""
         self._collecting = False
+        self._absorb_due = True  # the window's first micro-gradient is in param.grad; new parameters need their hook
         self._hooks: dict[torch.Tensor, RemovableHandle] = {}
         self._reduce: Callable[[list[torch.Tensor], float], None] | None = None
         if backend.name == "ddp":
@@ -205,8 +206,11 @@ class Fp32Window:
         if self.window.position == 0:
             self.sums.clear()  # left by a window that did not step
             self._collecting = False
+            self._absorb_due = True
         else:
-            self._absorb()
+            if self._absorb_due:  # once per window (and after a restore), not a loop over the parameters per micro-step
+                self._absorb()
+                self._absorb_due = False
             self._collecting = True
         try:
             self.backend.backward(loss)
@@ -298,6 +302,7 @@ class Fp32Window:
     def restore_window_grads(self, params: Params, grads: list[torch.Tensor | None]) -> None:
         """The backend's restore (which checks that they fit), then saved float32 sums back into the sums."""
         self.sums.clear()
+        self._absorb_due = True
         self.backend.restore_window_grads(params, grads)
         for param, grad in zip(params, grads, strict=True):
             if grad is not None and param.dtype in LOW and param.grad is not None:

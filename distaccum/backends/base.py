@@ -89,6 +89,7 @@ class Backend:
     def __init__(self, model: nn.Module, world_size: int) -> None:
         self.model = model
         self.world_size = world_size
+        self._checks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # check_and_scale's flag and 1.0
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -171,10 +172,9 @@ class Backend:
 
     def _check_buffers(self, device: torch.device, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
         # Kept between steps (one found flag and the usual factor 1.0 per device): nothing allocated per step.
-        cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = self.__dict__.setdefault("_checks", {})
-        if device not in cache:
-            cache[device] = torch.zeros(1, device=device), torch.ones(1, device=device)
-        found, one = cache[device]
+        if device not in self._checks:
+            self._checks[device] = torch.zeros(1, device=device), torch.ones(1, device=device)
+        found, one = self._checks[device]
         found.zero_()
         return found, one if factor == 1.0 else torch.full((1,), factor, dtype=torch.float32, device=device)
 
@@ -275,7 +275,7 @@ class Backend:
                     f"{window.number}; the step was not taken. Use on_nonfinite='skip' to skip such steps on all "
                     "ranks instead."
                 )
-            return (math.nan if norm is None else norm) if window.norm else None, True
+            return norm, True  # None unless the norm was asked for
         if multiplier != 1.0:
             self.scale_grads(params, multiplier)
         if scaler is not None:

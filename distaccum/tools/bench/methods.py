@@ -70,10 +70,11 @@ class Method:
         torch.manual_seed(self.ctx.seed)
         return self.ctx.spec.build().to(self.ctx.device)
 
-    def _ddp(self, model: nn.Module) -> nn.Module:
+    def _ddp(self, model: nn.Module, *, counting_hook: bool = True) -> nn.Module:
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        self._hook(wrapped)
+        if counting_hook:
+            self._hook(wrapped)
         return wrapped
 
     def _hook(self, wrapped: nn.Module) -> None:
@@ -169,8 +170,7 @@ class Distaccum(Method):
         super().__init__(ctx)
         # No counting hook: distaccum registers its own (the average with the non-finite check folded in), as it
         # would on a user's model; its bucket all-reduces are Python-level calls, counted while it steps.
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.model = self._ddp(self.model, counting_hook=False)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
         plan = BatchPlan(micro_batch_size=ctx.micro_batch_size, accum_steps=ctx.accum_steps)
         self.acc = Accumulator(self.model, self.optimizer, plan, max_grad_norm=self.max_grad_norm)
