@@ -9,23 +9,29 @@
 # a failing step does not stop the others, and the script exits 1 if any failed:
 #   install        pip install --no-deps --no-build-isolation -e .   (nothing is downloaded)
 #   env            nvidia-smi, torch/CUDA versions, `distaccum env`
-#   cuda-tests     the CUDA-marked tests (fp16 + GradScaler, the virtual = real batch test, host syncs per step)
+#   cuda-tests     the CUDA-marked tests (fp16 + GradScaler, bf16 autocast, the virtual = real batch test, host
+#                  syncs per step, SyncBatchNorm's exact running statistics on 2 ranks sharing the GPU over gloo)
 #   one-process    examples/train.py on the GPU, one process
 #   two-ranks      the same under torchrun x2 sharing the GPU (DISTACCUM_BACKEND=gloo: NCCL refuses 2 ranks on 1 GPU)
 #   nccl-one-rank  a DDP model over a real one-rank NCCL process group, accumulating 4 micro-batches per step
 #   compare        one process vs two ranks on the GPU, and the NCCL run vs the CPU real batch (max relative error)
-#   bench          distaccum bench, 2 ranks sharing the GPU (gloo), the 16.8M MLP: step time and
-#                  torch.cuda.max_memory_allocated at k = 1, 8, 64 (the bench's methods need a process group)
-# Knobs: PYTHON (default python3), STEPS (training steps, default 20), BENCH_ROUNDS (default 5).
+#   overhead       distaccum bench --overhead --device cuda: distaccum's own host cost per micro-step on the GPU
+#   bench          distaccum bench, 2 ranks sharing the GPU (gloo), the 16.8M MLP at micro-batch BENCH_MICRO so
+#                  that compute, not launches, dominates: step time and torch.cuda.max_memory_allocated at k = 1, 8,
+#                  64 (the bench's methods need a process group), with the clipping pair; PNG next to the JSON
+# Knobs: PYTHON (default python3), STEPS (training steps, default 20), BENCH_ROUNDS (default 5), BENCH_MICRO (1024).
+# The repo root is put on PYTHONPATH, so that the steps run from this checkout even if the install step fails.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${1:?usage: bash launch/gpu_check.sh OUT_DIR}
 PYTHON=${PYTHON:-python3}
 STEPS=${STEPS:-20}
 BENCH_ROUNDS=${BENCH_ROUNDS:-5}
+BENCH_MICRO=${BENCH_MICRO:-1024}
 SIZES=(--global-batch-size 32 --micro-batch-size 8 --steps "$STEPS")
 TORCHRUN=("$PYTHON" -m torch.distributed.run --standalone)
 cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 failed=()
@@ -40,7 +46,7 @@ step() {
 
 step install "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 step env bash -c "nvidia-smi; $PYTHON -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'; $PYTHON -m distaccum env --global-batch-size 64 --micro-batch-size 8"
-step cuda-tests "$PYTHON" -m pytest -p no:cacheprovider -q -m cuda tests/unit/test_hardware.py
+step cuda-tests "$PYTHON" -m pytest -p no:cacheprovider -q -rP -m cuda tests/unit/test_hardware.py tests/unit/test_batchnorm.py
 step one-process "$PYTHON" examples/train.py "${SIZES[@]}" --save "$OUT/one-process.pt"
 step two-ranks DISTACCUM_BACKEND=gloo "${TORCHRUN[@]}" --nproc_per_node 2 examples/train.py "${SIZES[@]}" --save "$OUT/two-ranks.pt"
 port=$("$PYTHON" -c 'from distaccum.dist import free_port; print(free_port())')
@@ -72,9 +78,11 @@ expected, _ = reference_run('sgd', $STEPS, 32)  # one process on the real batch,
 errors['nccl-one-rank vs CPU real batch'] = max_relative_error(torch.load('$OUT/nccl-one-rank-mlp.pt'), expected)
 print(errors)
 sys.exit(0 if max(errors.values()) <= 1e-5 else 1)"
+step overhead "$PYTHON" -m distaccum bench --overhead --device cuda --accum-steps 1 8 --rounds 9 --micro-steps 1000 \
+  --json "$OUT/overhead-cuda.json" --table "$OUT/overhead-cuda.txt"
 step bench DISTACCUM_BACKEND=gloo "$PYTHON" -m distaccum bench --nproc 2 --models mlp --accum-steps 1 8 64 \
-  --methods no_sync distaccum distaccum_items real_batch --rounds "$BENCH_ROUNDS" \
-  --json "$OUT/bench.json" --table "$OUT/bench.txt"
+  --micro-batch-size "$BENCH_MICRO" --methods no_sync distaccum distaccum_items no_sync_clip distaccum_clip real_batch \
+  --rounds "$BENCH_ROUNDS" --json "$OUT/bench.json" --table "$OUT/bench.txt"
 
 if [ "${DRY_RUN:-0}" = 1 ]; then exit 0; fi
 { date; echo "failed: ${failed[*]:-none}"; } > "$OUT/summary.txt"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from distaccum import Accumulator, BatchPlan
+from tests.helpers.hardware import hardware_params
 from tests.helpers.spawn import run_ranks
 
 MICRO, ACCUM, STEPS, FEATURES = 4, 4, 3, 6
@@ -115,34 +116,42 @@ def test_a_discarded_window_leaves_the_statistics_untouched():
     assert all(torch.equal(v, before[k]) for k, v in model[0].state_dict().items())
 
 
-def pooled_over_ranks(rank: int, world_size: int) -> dict:
-    # SyncBatchNorm cannot run on CPU; the pooling it selects is forced on a plain BatchNorm here (dispatch only),
-    # and runs through the real boundary all-reduce of 2 gloo ranks.
-    model = nn.parallel.DistributedDataParallel(bn_model(nn.BatchNorm1d(FEATURES)))
+def pooled_over_ranks(rank: int, world_size: int, device: str) -> dict:
+    # On CUDA a real SyncBatchNorm (both ranks may share one GPU: gloo reduces CUDA tensors). SyncBatchNorm cannot run
+    # on CPU; there the pooling it selects is forced on a plain BatchNorm (dispatch only). Either way the window's
+    # statistics go through the real boundary all-reduce of 2 gloo ranks.
+    where = torch.device("cuda", rank % torch.cuda.device_count()) if device == "cuda" else torch.device("cpu")
+    norm = nn.SyncBatchNorm(FEATURES) if device == "cuda" else nn.BatchNorm1d(FEATURES)
+    ids = [where.index] if device == "cuda" else None
+    model = nn.parallel.DistributedDataParallel(bn_model(norm).to(where), device_ids=ids)
     plan = BatchPlan(global_batch_size=ACCUM * MICRO, micro_batch_size=MICRO)
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), plan, batch_norm="exact")
-    acc._window.batch_norm.synced = [True]
+    if device == "cpu":
+        acc._window.batch_norm.synced = [True]
+    assert acc._window.batch_norm.synced == [True]
     inputs = data(False)
     per_rank = ACCUM * MICRO // world_size
     for step in range(STEPS):
         for x in inputs[step][rank * per_rank : (rank + 1) * per_rank].split(MICRO):
             with acc.micro_step():
-                acc.backward(loss_of(model(x)))
+                acc.backward(loss_of(model(x.to(where))))
     norm = model.module[0]
     return {
-        "mean": norm.running_mean.clone(),
-        "var": norm.running_var.clone(),
+        "mean": norm.running_mean.cpu(),
+        "var": norm.running_var.cpu(),
         "tracked": int(norm.num_batches_tracked),
     }
 
 
-def test_synchronized_statistics_pool_the_window_over_all_ranks():
-    results = run_ranks(pooled_over_ranks)
+@pytest.mark.parametrize("device", hardware_params())
+def test_synchronized_statistics_pool_the_window_over_all_ranks(device):
+    results = run_ranks(pooled_over_ranks, device)
     expected = real_batch_statistics(nn.BatchNorm1d(FEATURES), data(False))
     for result in results:
         assert result["tracked"] == STEPS
         for name, key in (("running_mean", "mean"), ("running_var", "var")):
             error = float((result[key] - expected[name]).norm() / expected[name].norm())
+            print(f"{device}: {name} relative error {error:.1e}")
             assert error <= 1e-6, (name, error)
 
 

@@ -18,6 +18,7 @@ from distaccum.tools.bench.plot import plot_results, require_matplotlib
 from distaccum.tools.bench.report import format_report
 
 _OVERHEAD_OPTIONS = {"help", "overhead", "accum_steps", "rounds", "micro_steps", "warmup", "seed", "json", "table"}
+_OVERHEAD_OPTIONS |= {"device"}
 """What ``--overhead`` reads; it refuses any other option given."""
 
 
@@ -82,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overhead",
         action="store_true",
         help="run only the microbenchmark of distaccum's own cost per micro-step (nn.Linear(4, 4), one process, "
-        "CPU, one thread; distaccum.tools.bench.overhead) with --accum-steps, --rounds, --micro-steps, --warmup, "
-        "--seed, --json, --table",
+        "CPU or --device cuda, one thread; distaccum.tools.bench.overhead) with --accum-steps, --rounds, "
+        "--micro-steps, --warmup, --seed, --device, --json, --table",
     )
     parser.add_argument(
         "--micro-steps",
@@ -91,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="M",
         help=f"--overhead: micro-steps per variant and round (default {OverheadConfig.micro_steps})",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="--overhead: where the tiny model runs (default %(default)s); cuda synchronizes after each micro-step, "
+        "untimed",
     )
 
 
@@ -184,6 +192,7 @@ def _run_overhead(args: argparse.Namespace) -> int:
             **{name: value for name, value in given.items() if value is not None},
             warmup=args.warmup,
             seed=args.seed,
+            device=args.device,
         )
     except ValueError as error:
         print(f"distaccum bench: error: {error}", file=sys.stderr)

@@ -202,7 +202,7 @@ def run_benchmark(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
         **_versions(),
         "cpu_count": os.cpu_count(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "backend": "nccl" if torch.cuda.is_available() else "gloo",
+        "backend": dist.default_backend(),  # the ranks' own choice: $DISTACCUM_BACKEND=gloo shares one GPU
         "threads_per_rank": config.rank_threads,
         "allocator_environment": allocator_environment(),
         "load_average_before": list(load_before),

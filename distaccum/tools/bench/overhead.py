@@ -1,5 +1,6 @@
 """``distaccum bench --overhead``: distaccum's own cost per micro-step, on a model so small that the framework is
-the whole cost: ``nn.Linear(4, 4)``, micro-batch 4, SGD, one process, CPU, one torch thread. Example:
+the whole cost: ``nn.Linear(4, 4)``, micro-batch 4, SGD, one process, CPU (or ``--device cuda``), one torch
+thread. Example:
 ``distaccum bench --overhead --json examples/bench/overhead-cpu.json --table examples/bench/overhead-cpu.txt``.
 
 Every variant (:data:`VARIANTS`) has its own model and optimizer from the same seed and trains on the same
@@ -87,6 +88,10 @@ class OverheadConfig:
     warmup: int = 1
     """Untimed rounds before them."""
     seed: int = 0
+    device: str = "cpu"
+    """``cpu`` or ``cuda``. On CUDA the device is synchronized after each micro-step, outside its timed interval:
+    every micro-step starts on an idle queue, so what is timed is the host's cost of issuing it, plus any wait for the
+    GPU that the micro-step itself makes (a host read)."""
 
     def __post_init__(self) -> None:
         if not self.accum_steps or min(self.accum_steps) < 1:
@@ -94,6 +99,10 @@ class OverheadConfig:
         for name, least in (("rounds", 1), ("micro_steps", max(self.accum_steps)), ("warmup", 0)):
             if getattr(self, name) < least:  # micro_steps: a round is at least one whole window
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU here: drop --device cuda")
 
     def micro_steps_at(self, accum_steps: int) -> int:
         return self.micro_steps // accum_steps * accum_steps
@@ -102,7 +111,9 @@ class OverheadConfig:
         """The command line that reproduces this configuration."""
         knobs = f"--rounds {self.rounds} --micro-steps {self.micro_steps} --warmup {self.warmup}"
         seed = f" --seed {self.seed}" if self.seed else ""
-        return f"distaccum bench --overhead --accum-steps {' '.join(map(str, self.accum_steps))} {knobs}{seed}"
+        device = f" --device {self.device}" if self.device != "cpu" else ""
+        steps = " ".join(map(str, self.accum_steps))
+        return f"distaccum bench --overhead --accum-steps {steps} {knobs}{seed}{device}"
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
@@ -134,18 +145,18 @@ def own_cost(figures: Figures, baseline: Figures) -> dict[str, dict[str, float] 
     return own
 
 
-def _data(count: int, accum_steps: int, seed: int) -> list[MicroBatch]:
+def _data(count: int, accum_steps: int, seed: int, device: str = "cpu") -> list[MicroBatch]:
     generator = torch.Generator().manual_seed(seed + 1)
-    inputs = torch.randn(count, MICRO_BATCH_SIZE, 4, generator=generator)
-    targets = torch.randn(count, MICRO_BATCH_SIZE, 4, generator=generator)
+    inputs = torch.randn(count, MICRO_BATCH_SIZE, 4, generator=generator).to(device)
+    targets = torch.randn(count, MICRO_BATCH_SIZE, 4, generator=generator).to(device)
     # Every micro-batch is MICRO_BATCH_SIZE items, so N_window is known ahead, as a hand loop needs it to be.
     return [(inputs[i], targets[i], MICRO_BATCH_SIZE, MICRO_BATCH_SIZE * accum_steps) for i in range(count)]
 
 
-def _variant(name: str, accum_steps: int, seed: int) -> tuple[nn.Module, Step]:
+def _variant(name: str, accum_steps: int, seed: int, device: str = "cpu") -> tuple[nn.Module, Step]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = nn.Linear(4, 4)
+        model = nn.Linear(4, 4).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     k = accum_steps
     if name.startswith("distaccum"):
@@ -185,14 +196,17 @@ def _variant(name: str, accum_steps: int, seed: int) -> tuple[nn.Module, Step]:
     return model, {"hand": hand, "hand_twin": hand, "hand_items": hand_items, "hand_clip": hand_clip}[name]
 
 
-def _time_pass(step: Step, data: list[MicroBatch], accum_steps: int) -> tuple[int, int, int, int]:
+def _time_pass(step: Step, data: list[MicroBatch], accum_steps: int, device: str = "cpu") -> tuple[int, int, int, int]:
     """One variant's pass over a round: CPU ns (non-boundary, boundary), then wall ns (the same two)."""
     cpu, wall = [0, 0], [0, 0]
     cpu_clock, wall_clock = time.process_time_ns, time.perf_counter_ns
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    synchronize()
     for i, (x, y, items, window_items) in enumerate(data):
         cpu_start, wall_start = cpu_clock(), wall_clock()
         step(i, x, y, items, window_items)
         wall_end, cpu_end = wall_clock(), cpu_clock()
+        synchronize()  # untimed: the next micro-step starts on an idle queue
         boundary = int((i + 1) % accum_steps == 0)
         cpu[boundary] += cpu_end - cpu_start
         wall[boundary] += wall_end - wall_start
@@ -206,8 +220,8 @@ def _max_abs_diff(a: nn.Module, b: nn.Module) -> float:
 
 def _run_case(config: OverheadConfig, accum_steps: int) -> dict[str, Any]:
     count = config.micro_steps_at(accum_steps)
-    data = _data(count, accum_steps, config.seed)
-    built = {name: _variant(name, accum_steps, config.seed) for name in VARIANTS}
+    data = _data(count, accum_steps, config.seed, config.device)
+    built = {name: _variant(name, accum_steps, config.seed, config.device) for name in VARIANTS}
     names = list(VARIANTS)
     raw: dict[str, dict[str, list[int]]] = {name: {key: [] for key in RAW_KEYS} for name in names}
     gc.collect()
@@ -215,7 +229,7 @@ def _run_case(config: OverheadConfig, accum_steps: int) -> dict[str, Any]:
         shift = round_index % len(names)
         order = names[shift:] + names[:shift]  # every position in turn and, reversed, both neighbours
         for name in order[:: -1 if round_index % 2 else 1]:
-            times = _time_pass(built[name][1], data, accum_steps)
+            times = _time_pass(built[name][1], data, accum_steps, config.device)
             found = gc.collect(0)  # the cycles this pass left, all young: the collector is off while it runs
             if round_index >= config.warmup:
                 for key, value in zip(RAW_KEYS, (*times, found), strict=True):
@@ -237,6 +251,8 @@ def run_overhead(config: OverheadConfig, log: Callable[[str], None] = print) -> 
     threads, collecting = torch.get_num_threads(), gc.isenabled()
     environment: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__}
     environment |= {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": 1}
+    if config.device == "cuda":
+        environment["gpu"] = torch.cuda.get_device_name()
     environment["load_average_before"], started = list(os.getloadavg()), time.perf_counter()
     torch.set_num_threads(1)
     gc.disable()
@@ -262,14 +278,21 @@ def _cell(stats: dict[str, float] | None) -> str:
     return "-" if stats is None else f"{stats['median']:.2f} [{stats['iqr']:.2f}]"
 
 
+def _where(config: dict[str, Any], env: dict[str, Any]) -> str:
+    if config.get("device", "cpu") != "cuda":
+        return "CPU"
+    return f"CUDA ({env.get('gpu', 'GPU')}; synchronized after each micro-step, untimed)"
+
+
 def format_overhead(results: dict[str, Any]) -> str:
     """The markdown report of :func:`run_overhead`'s results."""
     config, env, sanity = results["config"], results["environment"], results["sanity"]
     load = f"{env['load_average_before'][0]:.2f} -> {env['load_average_after'][0]:.2f}"
     lines = [
         f"distaccum bench --overhead: {config['model']}, micro-batch {config['micro_batch_size']}, SGD lr "
-        f"{config['lr']}, max_grad_norm {config['max_grad_norm']}; one process, CPU, {env['threads']} torch thread; "
-        f"torch {env['torch']}, Python {env['python']}, {env['platform']}, {env['cpu_count']} CPUs; load average "
+        f"{config['lr']}, max_grad_norm {config['max_grad_norm']}; one process, {_where(config, env)}, "
+        f"{env['threads']} torch thread; torch {env['torch']}, Python {env['python']}, {env['platform']}, "
+        f"{env['cpu_count']} CPUs; load average "
         f"{load}; wall {env['wall_s']:.0f} s",
         f"{config['rounds']} timed rounds after {config['warmup']} warm-up, each running every variant once on the "
         "same micro-batches, order rotating; median [IQR] over rounds, µs of CPU time unless marked wall. Own: minus "
