@@ -288,7 +288,15 @@ def test_gpu_check_sh_dry_run_names_every_step(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     steps = re.findall(r"^== ([\w-]+):", result.stdout, re.M)
     assert steps == [
-        "install", "env", "cuda-tests", "one-process", "two-ranks", "nccl-one-rank", "compare", "overhead", "bench"
+        "install",
+        "env",
+        "cuda-tests",
+        "one-process",
+        "two-ranks",
+        "nccl-one-rank",
+        "compare",
+        "overhead",
+        "bench",
     ]
     for path in re.findall(r"(?:examples|tests)/[\w/]+\.py", result.stdout):
         assert (ROOT / path).is_file(), path
