@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, for the day a GPU machine is lent: one command, about 5 minutes on one GPU, no network.
+# The GPU check, for the day a GPU machine is lent: one command, about 6 minutes on one GPU, no network. Its first run
+# (2026-11-27, H200) is in examples/bench/gpu-h200/, with what it took per step.
 #
 #   bash launch/gpu_check.sh OUT_DIR            # results (logs, weights, bench JSON/table, summary) under OUT_DIR
 #   DRY_RUN=1 bash launch/gpu_check.sh OUT_DIR  # print the steps, run nothing
@@ -18,7 +19,8 @@
 #   overhead       distaccum bench --overhead --device cuda: distaccum's own host cost per micro-step on the GPU
 #   bench          distaccum bench, 2 ranks sharing the GPU (gloo), the 16.8M MLP at micro-batch BENCH_MICRO so
 #                  that compute, not launches, dominates: step time and torch.cuda.max_memory_allocated at k = 1, 8,
-#                  64 (the bench's methods need a process group), with the clipping pair; PNG next to the JSON
+#                  64 (the bench's methods need a process group), with the clipping pair, each method's peak in fresh
+#                  processes (no separate sweep: it would not fit); PNG next to the JSON
 # Knobs: PYTHON (default python3), STEPS (training steps, default 20), BENCH_ROUNDS (default 5), BENCH_MICRO (1024).
 # The repo root is put on PYTHONPATH, so that the steps run from this checkout even if the install step fails.
 set -euo pipefail
@@ -78,10 +80,10 @@ expected, _ = reference_run('sgd', $STEPS, 32)  # one process on the real batch,
 errors['nccl-one-rank vs CPU real batch'] = max_relative_error(torch.load('$OUT/nccl-one-rank-mlp.pt'), expected)
 print(errors)
 sys.exit(0 if max(errors.values()) <= 1e-5 else 1)"
-step overhead "$PYTHON" -m distaccum bench --overhead --device cuda --accum-steps 1 8 --rounds 9 --micro-steps 1000 \
+step overhead "$PYTHON" -m distaccum bench --overhead --device cuda --accum-steps 1 8 --rounds 5 --micro-steps 500 \
   --json "$OUT/overhead-cuda.json" --table "$OUT/overhead-cuda.txt"
 step bench DISTACCUM_BACKEND=gloo "$PYTHON" -m distaccum bench --nproc 2 --models mlp --accum-steps 1 8 64 \
-  --micro-batch-size "$BENCH_MICRO" --methods no_sync distaccum distaccum_items no_sync_clip distaccum_clip real_batch \
+  --micro-batch-size "$BENCH_MICRO" --methods no_sync distaccum no_sync_clip distaccum_clip real_batch --memory-sweep \
   --rounds "$BENCH_ROUNDS" --json "$OUT/bench.json" --table "$OUT/bench.txt"
 
 if [ "${DRY_RUN:-0}" = 1 ]; then exit 0; fi

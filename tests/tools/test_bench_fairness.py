@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distaccum.tools import cli
 from distaccum.tools.bench.methods import MAX_NORM, METHODS
-from distaccum.tools.bench.plot import plot_results
+from distaccum.tools.bench.plot import _rows_from_cases, plot_results
 from distaccum.tools.bench.report_ratios import format_ratios, paired_ratio, paired_ratios, resolves
+from distaccum.tools.bench.worker import _OneAtATime
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAIR_METHODS = ("no_sync", "no_sync_twin", "no_sync_clip", "distaccum", "distaccum_items", "distaccum_clip")
@@ -229,3 +231,28 @@ def test_bench_plot_without_matplotlib_stops_before_running(tmp_path, monkeypatc
     assert cli.main(["bench", "--size", "tiny", "--plot", str(tmp_path / "bench.png")]) == 2
     assert "pip install 'distaccum[bench]'" in capsys.readouterr().err
     assert not (tmp_path / "bench.png").exists()
+
+
+def test_without_a_sweep_the_memory_panel_plots_the_timed_cases_peaks():
+    results = _hand_made_results()
+    results["memory_sweep"] = []
+    for case in results["cases"]:
+        case["methods"]["distaccum"]["peak_mib"] = 300.0
+        case["methods"]["real_batch"] = {**case["methods"]["no_sync"], "peak_mib": 300.0 * case["accum_steps"]}
+    rows = _rows_from_cases(results)
+    assert [(row["accum_steps"], row["virtual_peak_mib"], row["real_peak_mib"]) for row in rows] == [
+        (1, 300.0, 300.0),
+        (8, 300.0, 2400.0),
+    ]
+    results["cases"] = [{**case, "methods": {"no_sync": case["methods"]["no_sync"]}} for case in results["cases"]]
+    assert _rows_from_cases(results) == []  # no distaccum and no real batch: nothing to draw
+
+
+def test_a_memory_job_moves_each_micro_batch_when_the_method_reaches_it():
+    # The timed job stages a whole round on the device; a memory job hands micro-batches over one at a time, as a
+    # data loader does, so that k staged micro-batches are not counted in a method's peak ("meta": no storage).
+    batches = [(torch.ones(2, 3) * i, torch.zeros(2)) for i in range(4)]
+    staged = _OneAtATime(batches, torch.device("meta"))
+    assert len(staged) == 4 and len(staged[1:3]) == 2
+    assert all(x.is_meta and y.is_meta for x, y in staged)
+    assert not batches[0][0].is_meta  # the round itself stays where it was

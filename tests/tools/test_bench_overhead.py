@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from distaccum.tools import cli
 from distaccum.tools.bench import BenchConfig
@@ -140,3 +141,12 @@ def test_the_bench_defaults_are_unchanged_without_overhead():
     assert bench_cli._config(parser.parse_args([])) == BenchConfig()
     given = bench_cli._config(parser.parse_args(["--accum-steps", "2", "4", "--rounds", "3"]))
     assert (given.accum_steps, given.rounds) == ((2, 4), 3)
+
+
+def test_overhead_on_cuda_without_a_gpu_is_refused_with_the_fix(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "--overhead", "--device", "cuda"]) == 2
+    assert "drop --device cuda" in capsys.readouterr().err
+    assert "--device" not in OverheadConfig(device="cpu").command()  # the default is left out of the command
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
+        OverheadConfig(device="tpu")
