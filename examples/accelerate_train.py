@@ -15,6 +15,10 @@ second time. Same task and flags as examples/train.py, plus an exponential learn
         examples/accelerate_train.py --global-batch-size 32 --micro-batch-size 8
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py
 
+    # the DeepSpeed plugin (ZeRO 2 from launch/deepspeed/zero2.json; CPU too, but NOT with ACCELERATE_USE_CPU=1,
+    # which drops DeepSpeed for DDP); needs pip install transformers
+    accelerate launch --config_file launch/accelerate/deepspeed.yaml examples/accelerate_train.py
+
     # GPUs on one node, several nodes (set machine_rank / main_process_ip in the YAML, or use the flags)
     accelerate launch --config_file launch/accelerate/multi_gpu.yaml examples/accelerate_train.py
     accelerate launch --config_file launch/accelerate/multi_node.yaml --machine_rank $NODE_RANK \
@@ -24,11 +28,13 @@ second time. Same task and flags as examples/train.py, plus an exponential learn
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import task  # examples/task.py: the script's own directory is on sys.path under every launcher
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from distaccum import Accumulator, BatchPlan, dist
 
@@ -46,7 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = Accelerator()
+    # Without a GPU, Accelerate's DeepSpeed path finds no backend of its own: it reports 1 process on every rank
+    # (each would then read the same data) unless told to use gloo. Only there: one process must not get a group.
+    deepspeed_on_cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else [])
     plan = BatchPlan(global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size)
     model = task.make_model(args.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)

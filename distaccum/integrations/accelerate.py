@@ -28,6 +28,8 @@ Usage::
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
 import torch
@@ -54,9 +56,10 @@ def adapt(
         ValueError: ``Accelerator(gradient_accumulation_steps>1)`` was set, or a second GradScaler was given
             next to Accelerate's fp16 scaler.
     """
+    _check_process_count()
     if isinstance(optimizer, DeepSpeedOptimizerWrapper):
-        return optimizer.optimizer, scheduler, grad_scaler
-    if isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    elif isinstance(optimizer, AcceleratedOptimizer):
         steps = int(optimizer.gradient_state.num_steps)
         if steps > 1:
             raise ValueError(
@@ -76,6 +79,45 @@ def adapt(
                 )
             grad_scaler = accelerate_scaler
         optimizer = optimizer.optimizer
+    # Under DeepSpeed too: a torch scheduler that is not one of DeepSpeed's own is left out of the engine and wrapped
+    # in a plain AcceleratedScheduler, which would step num_processes times per call.
     if isinstance(scheduler, AcceleratedScheduler) and not isinstance(scheduler, DeepSpeedSchedulerWrapper):
         scheduler = scheduler.scheduler
     return optimizer, scheduler, grad_scaler
+
+
+def _check_process_count() -> None:
+    """Under the DeepSpeed plugin: refuse an Accelerator that miscounts the processes; warn when DeepSpeed is dropped.
+
+    Reads Accelerate's shared state only if an Accelerator (or PartialState) was built: never creates one.
+
+    Raises:
+        ValueError: ``accelerator.num_processes`` differs from the process group's world size.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState._shared_state
+    if not state or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    world = torch.distributed.get_world_size()
+    requested = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # Without DeepSpeed, Accelerate counts 1 process only when it leaves the model unwrapped: the backend's check
+    # refuses that with its own fix (ACCELERATE_USE_CPU=1). Under DeepSpeed the engine wraps it all the same.
+    if requested and state.get("num_processes", world) != world:
+        raise ValueError(
+            f"Accelerate counts {state['num_processes']} process(es) (accelerator.num_processes; process_index "
+            f"{state.get('process_index')}) but the process group has {world} ranks: a loop that shards data by "
+            "accelerator.process_index would train every rank on process 0's samples. Accelerate's DeepSpeed plugin "
+            "does this on a machine without GPU, where it finds no backend of its own. Build the Accelerator with "
+            "kwargs_handlers=[InitProcessGroupKwargs(backend='gloo')] (from accelerate.utils)."
+        )
+    running = AcceleratorState._shared_state.get("distributed_type")
+    if requested and running is not None and running != DistributedType.DEEPSPEED:
+        warnings.warn(
+            f"accelerate launch asked for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true), but Accelerate runs {running} "
+            "without it: ACCELERATE_USE_CPU=1 (or Accelerator(cpu=True)) drops the DeepSpeed plugin silently. "
+            "distaccum trains the prepared model exactly, but without ZeRO's sharding. For DeepSpeed without a GPU, "
+            "unset ACCELERATE_USE_CPU and build Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend='gloo')]).",
+            stacklevel=4,
+        )

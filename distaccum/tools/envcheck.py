@@ -9,7 +9,8 @@ Run it with the launcher and sizes of the real job, before the job::
 With several ranks it joins the process group (``--no-init`` skips that), gathers every rank's view, and rank 0
 prints one report. The exit status is 1 on every rank when anything is inconsistent: a batch plan that does
 not divide, ranks that disagree, launcher variables that contradict each other, or ``accelerate launch`` on a
-machine without CUDA and without ``ACCELERATE_USE_CPU=1`` (Accelerate would then silently not average).
+machine without CUDA and without ``ACCELERATE_USE_CPU=1`` (Accelerate would then silently not average), or with it
+under the DeepSpeed plugin (Accelerate would then silently drop DeepSpeed for DDP).
 """
 
 from __future__ import annotations
@@ -97,11 +98,19 @@ def _launcher_problems(view: dict[str, Any]) -> list[str]:
             f"WORLD_SIZE is {world} but MASTER_ADDR is not set: the ranks cannot meet. Start the job with torchrun, "
             "accelerate launch or srun + torchrun, or export MASTER_ADDR and MASTER_PORT"
         )
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if view["launcher"] == "accelerate" and deepspeed and _truthy("ACCELERATE_USE_CPU"):
+        problems.append(
+            "accelerate launch asked for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) and ACCELERATE_USE_CPU is set: "
+            "Accelerate drops the DeepSpeed plugin silently and runs DDP. For DeepSpeed without a GPU, unset "
+            "ACCELERATE_USE_CPU and build Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend='gloo')])"
+        )
     if (
         view["launcher"] == "accelerate"
         and world > 1
         and not torch.cuda.is_available()
         and not _truthy("ACCELERATE_USE_CPU")
+        and not deepspeed  # DeepSpeed wraps the model itself; without a GPU it needs the gloo handler instead
     ):
         problems.append(
             f"accelerate launch started {world} processes on a machine without CUDA and ACCELERATE_USE_CPU is not "

@@ -104,3 +104,19 @@ def test_env_check_sh_under_torchrun() -> None:
     table = [line.split() for line in out.splitlines() if line.strip().startswith(("0 ", "1 ")) and "cpu" in line]
     assert sorted((row[0], row[1]) for row in table) == [("0", "0"), ("1", "1")]
     assert out.count("consistent       NO (2 problem(s))") == 1  # one report, from rank 0
+
+
+def test_env_flags_use_cpu_that_drops_the_deepspeed_plugin(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # accelerate launch with distributed_type DEEPSPEED sets ACCELERATE_USE_DEEPSPEED=true; ACCELERATE_USE_CPU=1 then
+    # makes Accelerate run DDP instead, silently. Without ACCELERATE_USE_CPU it is DeepSpeed's own working setup.
+    for name, value in {**ACCELERATE_MULTI_GPU_ON_CPU, "ACCELERATE_USE_DEEPSPEED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    code, out = run_env(capsys, "--global-batch-size", "32", "--micro-batch-size", "8", "--no-init")
+    assert code == 0, out
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    code, out = run_env(capsys, "--global-batch-size", "32", "--micro-batch-size", "8", "--no-init")
+    assert code == 1
+    assert "Accelerate drops the DeepSpeed plugin silently and runs DDP" in out
+    assert "InitProcessGroupKwargs(backend='gloo')" in out
