@@ -14,8 +14,9 @@ damaged one (with a warning) for the previous, and reads tensors and plain data 
 (a plain module, ``DistributedDataParallel``, an Accelerate-prepared DDP) hold the same state on every rank
 at a window boundary: rank 0 writes, every rank reads (the directory must be on a filesystem all nodes
 share). Sharded models (FSDP1, FSDP2) are written by every rank with ``torch.distributed.checkpoint``, which
-also reshards them when the job resumes on another world size. DeepSpeed engines are refused with the tool to
-use instead.
+also reshards them when the job resumes on another world size. A DeepSpeed engine (ZeRO 0-3) writes its own files
+into the checkpoint with ``save_checkpoint`` (``deepspeed/``, :mod:`distaccum.checkpoint_engine`), at window
+boundaries, and resumes on the same world size.
 
 Exact resume. Mid-window, the gradients accumulated so far differ per rank (DDP has not reduced them yet):
 ``include_grads=True`` makes every rank write its own, and only the same world size can resume them. At a
@@ -52,6 +53,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from distaccum import backends, dist
+from distaccum import checkpoint_engine as engine_files
 from distaccum import checkpoint_files as files
 from distaccum.accumulator import Accumulator
 from distaccum.plan import BatchPlan
@@ -78,7 +80,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _layout(model: nn.Module) -> str:
-    """How ``model``'s backend lays out its state ("replicated" or "sharded"); refuses what cannot be saved."""
+    """How ``model``'s backend lays out its state ("replicated", "sharded" or "engine"); refuses what cannot be."""
     backend = backends.backend_class(model)
     if backend.checkpoint_refusal is not None:
         raise ValueError(backend.checkpoint_refusal)
@@ -144,20 +146,27 @@ def save(
         The checkpoint's directory.
 
     Raises:
-        ValueError: mid-window without ``include_grads`` or with an FSDP model, ``keep < 1``, a DeepSpeed
-            engine, or a ``data_state`` that is not tensors and plain data.
+        ValueError: mid-window without ``include_grads`` or with an FSDP model or a DeepSpeed engine, ``keep < 1``,
+            or a ``data_state`` that is not tensors and plain data.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 checkpoints, got {keep}")
     files.check_plain({} if data_state is None else data_state)
     position = accumulator.micro_step_in_window
+    layout = _layout(model)
+    if position and layout == "engine":
+        raise ValueError(
+            f"checkpoint requested mid-window (micro-step {position} of {accumulator.plan.accum_steps}) of a "
+            "DeepSpeed engine: it keeps the window's gradients in ZeRO's private buffers, which no checkpoint holds. "
+            "Save right after an optimizer step (when acc.stepped is True)."
+        )
     if position and not include_grads:
         raise ValueError(
             f"checkpoint requested mid-window (micro-step {position} of {accumulator.plan.accum_steps}): the "
             "gradients accumulated so far are not saved. Save right after an optimizer step (when acc.stepped "
             "is True), or pass include_grads=True (plain and DDP models) to save them too."
         )
-    sharded = _layout(model) == "sharded"
+    sharded, engine = layout == "sharded", layout == "engine"
     # Raises for FSDP mid-window on every rank before anything is written.
     window = accumulator.state_dict(include_grads=True) if position else {}
     grads, batch_norm = window.get("grads"), window.get("window_batch_norm")
@@ -170,7 +179,7 @@ def save(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
-    if sharded or grads is not None:
+    if sharded or engine or grads is not None:
         _barrier()  # every rank writes into the temporary directory: it must exist first
     model_state: dict[str, Any] | None = None
     optimizer_state: dict[str, Any] | None = None
@@ -181,13 +190,15 @@ def save(
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary / _SHARDED)
         model_state = optimizer_state = None
+    elif engine:
+        engine_files.save(model, temporary)
     elif rank == 0:
         model_state, optimizer_state = unwrap(model).state_dict(), optimizer.state_dict()
     if grads is not None:
         torch.save(grads, temporary / f"grads-rank{rank:05d}.pt")
     if batch_norm is not None:  # the open window's BatchNorm statistics, this rank's own as its gradients
         torch.save(batch_norm, temporary / f"batchnorm-rank{rank:05d}.pt")
-    if sharded or grads is not None:
+    if sharded or engine or grads is not None:
         _barrier()
     if rank == 0:
         state = {
@@ -209,6 +220,7 @@ def save(
             "plan": accumulator.plan.as_dict(),
             "sharded": sharded,
             "grads_world_size": None if grads is None else accumulator.plan.world_size,
+            "engine_world_size": accumulator.plan.world_size if engine else None,
         }
         files.publish(root, temporary, name, meta, keep)
     # Nobody leaves save() before the checkpoint is complete: a rank killed right after can rely on it.
@@ -241,11 +253,12 @@ def load(
     Raises:
         ValueError: the checkpoint has a scheduler or scaler state and none was given (or the reverse), its
             plan's global or micro batch differs from the accumulator's, it is mid-window and the world size
-            changed, a replicated checkpoint meets a sharded model, the model is a DeepSpeed engine, no
-            checkpoint is intact (each damaged one is skipped with a warning first), or a file holds objects
-            other than tensors and plain data (refused without running them).
+            changed, a replicated checkpoint meets a sharded model, a DeepSpeed checkpoint meets another model
+            or world size (or the reverse), no checkpoint is intact (each damaged one is skipped with a warning
+            first), or a file holds objects other than tensors and plain data (refused without running them).
     """
-    sharded_model = _layout(model) == "sharded"
+    layout = _layout(model)
+    sharded_model = layout == "sharded"
     found = files.candidates(Path(directory))
     if not found:
         return None
@@ -276,6 +289,14 @@ def load(
             f"checkpoint {path} holds a replicated model's state but model is a sharded {type(model).__name__}; "
             "resume it with the plain or DDP model that saved it"
         )
+    saved_by = meta.get("engine_world_size")
+    if (saved_by is not None) != (layout == "engine"):
+        raise ValueError(
+            f"checkpoint {path} holds {'a DeepSpeed engine' if saved_by else 'no DeepSpeed engine'} but model is "
+            f"{type(model).__name__}; resume it with the kind of model that saved it"
+        )
+    if saved_by is not None and saved_by != accumulator.plan.world_size:
+        raise ValueError(engine_files.other_world_size_refusal(path, saved_by, accumulator.plan.world_size))
     accumulator_state = state["accumulator"]
     if meta.get("grads_world_size") == accumulator.plan.world_size:
         grads = files.safe_load(path / f"grads-rank{dist.rank():05d}.pt")
@@ -294,6 +315,8 @@ def load(
         both: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(both, checkpoint_id=path / _SHARDED)  # in place, resharded to this job's layout
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+    elif saved_by is not None:
+        engine_files.load(model, path)
     else:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

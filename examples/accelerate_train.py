@@ -18,6 +18,8 @@ second time. Same task and flags as examples/train.py, plus an exponential learn
     # the DeepSpeed plugin (ZeRO 2 from launch/deepspeed/zero2.json; CPU too, but NOT with ACCELERATE_USE_CPU=1,
     # which drops DeepSpeed for DDP); needs pip install transformers
     accelerate launch --config_file launch/accelerate/deepspeed.yaml examples/accelerate_train.py
+    accelerate launch --config_file launch/accelerate/deepspeed.yaml \
+        --deepspeed_config_file launch/deepspeed/zero3.json examples/accelerate_train.py   # ZeRO 3
 
     # GPUs on one node, several nodes (set machine_rank / main_process_ip in the YAML, or use the flags)
     accelerate launch --config_file launch/accelerate/multi_gpu.yaml examples/accelerate_train.py
@@ -75,10 +77,12 @@ def main(args: argparse.Namespace) -> None:
         assert acc.last_step is not None
         accelerator.print(f"step {step + 1:4d}/{args.steps}  loss {acc.last_step.loss:.6f}")
 
-    if args.save is not None and accelerator.is_main_process:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(accelerator.unwrap_model(model).state_dict(), args.save)
-        accelerator.print(f"saved weights to {args.save}")
+    if args.save is not None:
+        state = accelerator.get_state_dict(model)  # every process: ZeRO 3 gathers its shards for it
+        if accelerator.is_main_process:
+            args.save.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, args.save)
+            accelerator.print(f"saved weights to {args.save}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ training on the real global batch; only accum_steps = global / (micro x world si
 
     # checkpoints: every 5 optimizer steps; run the same command again and it resumes where it stopped
     python examples/train.py --steps 20 --checkpoint-dir ckpt --checkpoint-every 5
+    torchrun --standalone --nproc_per_node 2 examples/train.py --deepspeed launch/deepspeed/zero2.json \
+        --steps 20 --checkpoint-dir ckpt-ds --checkpoint-every 5   # the engine's shards in the same checkpoint
 
 The script wraps the model in DistributedDataParallel itself when the launcher started several processes,
 so `accelerate launch` works through its torchrun environment alone (examples/accelerate_train.py shows the
@@ -35,6 +37,7 @@ Accelerator API instead).
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import task  # examples/task.py: the script's own directory is on sys.path under every launcher
@@ -60,8 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.checkpoint_every < 0 or (args.checkpoint_every and args.checkpoint_dir is None):
         parser.error("--checkpoint-every N needs N >= 0 and --checkpoint-dir")
-    if args.deepspeed and args.checkpoint_dir:
-        parser.error("--checkpoint-dir is not supported with --deepspeed yet (use the engine's save_checkpoint)")
     return args
 
 
@@ -103,11 +104,22 @@ def main(args: argparse.Namespace) -> None:
                 args.checkpoint_dir, model=model, optimizer=optimizer, accumulator=acc, data_state={"step": done}
             )
 
-    if args.save is not None and dist.rank() == 0:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        weights = {name: value.detach().cpu() for name, value in checkpoint.unwrap(model).state_dict().items()}
-        torch.save(weights, args.save)
-        dist.print0(f"saved weights to {args.save}")
+    if args.save is not None:
+        with gathered(model):  # ZeRO 3 holds a shard of each parameter per rank: gathered on every rank for the read
+            weights = {name: value.detach().cpu() for name, value in checkpoint.unwrap(model).state_dict().items()}
+        if dist.rank() == 0:
+            args.save.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(weights, args.save)
+            dist.print0(f"saved weights to {args.save}")
+
+
+def gathered(model: nn.Module) -> contextlib.AbstractContextManager[object]:
+    """Whole parameters inside, for a DeepSpeed engine (collective); nothing to do for other models."""
+    if type(model).__name__ != "DeepSpeedEngine":
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 if __name__ == "__main__":

@@ -79,8 +79,9 @@ class Backend:
     grads_in_params: ClassVar[bool] = True
     """True when gradients accumulated without sync live in ``param.grad`` (so a mid-window state can hold
     them); False for wrappers that accumulate in private buffers (FSDP, DeepSpeed)."""
-    checkpoint_layout: ClassVar[Literal["replicated", "sharded"]] = "replicated"
-    """How :mod:`distaccum.checkpoint` saves the model: rank 0 writes one copy, or every rank its shard (DCP)."""
+    checkpoint_layout: ClassVar[Literal["replicated", "sharded", "engine"]] = "replicated"
+    """How :mod:`distaccum.checkpoint` saves the model: rank 0 writes one copy, every rank its shard (DCP), or the
+    engine its own files (DeepSpeed's ``save_checkpoint``)."""
     replicated: ClassVar[bool] = True
     """True when every rank holds the same whole reduced gradient (a local non-finite check is a global one)."""
     checkpoint_refusal: ClassVar[str | None] = None

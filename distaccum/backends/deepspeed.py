@@ -4,13 +4,18 @@
 only when the user has imported ``deepspeed`` already. Build the engine with
 :func:`distaccum.integrations.deepspeed.initialize`, which checks its config against the plan.
 
-How the Accumulator drives the engine (ZeRO stages 0, 1 and 2; fp32, or fp16/bf16 at ZeRO 1/2):
+How the Accumulator drives the engine (ZeRO stages 0 to 3; fp32, or fp16/bf16 at ZeRO 1 to 3, tested in fp32):
 
 * **Window.** Before every backward the accumulator says whether this micro-step ends the window with
   ``engine.set_gradient_accumulation_boundary(...)``; DeepSpeed's own micro-step counter is never consulted, so
   short windows (``flush`` / ``last=True``) work. ZeRO 0 and 1 then reduce once, in the boundary backward;
-  ZeRO 2 reduce-scatters every micro-batch into its partition buffers by design (that is what partitions its
-  gradients), so it pays one reduction per micro-batch. ``engine.no_sync()`` is not used: it refuses ZeRO 2.
+  ZeRO 2 and 3 reduce-scatter every micro-batch into their partition buffers by design (that is what partitions
+  their gradients), so they pay one reduction per micro-batch. ``engine.no_sync()`` is not used: it refuses
+  ZeRO 2 and 3.
+* **ZeRO 3** all-gathers the parameters in every forward, so every rank must run the same number of micro-steps:
+  :meth:`~distaccum.Accumulator.iterate` (uneven data, :mod:`distaccum.uneven`) cuts the window where the first rank
+  runs out to what every rank has (the exact mean of the samples trained on); a hand-written loop must end its
+  windows together (``last=True`` on every rank), as ZeRO 2's reduce-scatter already requires.
 * **One loss scaling.** The accumulator multiplies each micro-batch loss by ``1/accum_steps`` (or by its item
   weight), so the engine is called as ``engine.backward(loss, scale_wrt_gas=False)``: DeepSpeed's own division
   by ``gradient_accumulation_steps`` is off, and only its fp16 loss scale (if any) is applied on top. A loss
@@ -22,7 +27,7 @@ How the Accumulator drives the engine (ZeRO stages 0, 1 and 2; fp32, or fp16/bf1
 
   - ZeRO 0 with a torch optimizer: the averaged gradients are in ``param.grad``; they are multiplied in place
     before ``engine.step()``, which then clips them (``gradient_clipping``) and steps.
-  - ZeRO 1 and 2: the reduced gradients live in the ZeRO optimizer's private partition buffers (flat, padded,
+  - ZeRO 1, 2 and 3: the reduced gradients live in the ZeRO optimizer's private partition buffers (flat, padded,
     and laid out differently with CPU offload or an fp32 accumulation buffer). Rather than reach into them,
     the factor goes through DeepSpeed's own unscale path: for the duration of ``engine.step()`` the optimizer's
     loss scale ``S`` is set to ``S / f``. ZeRO's step divides the gradients by the loss scale before clipping
@@ -31,14 +36,16 @@ How the Accumulator drives the engine (ZeRO stages 0, 1 and 2; fp32, or fp16/bf1
     the loss scaler's whole state is restored and its update is replayed with the step's overflow result, so a
     dynamic fp16 scaler evolves exactly as without the correction.
   - What cannot be weighted exactly (ZeRO 0 with DeepSpeed's fp16/bf16 optimizer wrappers, bf16 with fp32
-    gradient accumulation at ZeRO 1, ZeRO 3, pipeline engines) is refused when the backend is built
+    gradient accumulation at ZeRO 1, pipeline engines) is refused when the backend is built
     (:func:`unsupported`), and by ``initialize()`` before the engine is.
 * **Clipping.** DeepSpeed 0.19 clips at 1.0 when the config does not say otherwise. ``initialize()`` writes
   ``gradient_clipping: 0.0`` when the field is missing; the config is where DeepSpeed clips, and the
   accumulator's ``max_grad_norm`` must agree with it (None for 0.0), checked at the first step.
-* **End of data mid-window** (``acc.flush()``): every rank runs one boundary backward of a zero loss that
-  touches every parameter, which sends the accumulated gradients through DeepSpeed's normal boundary
-  reduction (all-reduce, or the last reduce-scatter of ZeRO 2) without changing them.
+* **End of data mid-window** (``acc.flush()``): at ZeRO 0 to 2 every rank runs one boundary backward of a zero
+  loss that touches every parameter, which sends the accumulated gradients through DeepSpeed's normal boundary
+  reduction (all-reduce, or the last reduce-scatter of ZeRO 2) without changing them. ZeRO 3's partitioned
+  parameters cannot be touched outside a forward, and need not be: every backward already reduce-scattered its
+  gradients into the partitions, so the optimizer only finalizes the boundary (its optimizer offload copy).
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -58,11 +65,10 @@ from distaccum.backends.base import Backend, Params, StepOptions, StepWindow
 def unsupported(*, stage: int, fp16: bool, bf16: bool, fp32_grad_accum: bool, offload: bool) -> str | None:
     """Why an engine with these settings cannot be driven exactly (None: it can); shared by the backend, which
     sees a built engine, and ``initialize()``, which refuses the config before building one."""
-    if stage not in (0, 1, 2):
+    if stage not in (0, 1, 2, 3):
         return (
-            f"DeepSpeed zero_optimization.stage is {stage}; distaccum supports and tests stages 0, 1 and 2 (stage 3 "
-            'keeps gradients in layouts its exact weighting is not verified on). Set "zero_optimization": '
-            '{"stage": 2} or lower.'
+            f"DeepSpeed zero_optimization.stage is {stage}, which is not a ZeRO stage; distaccum supports and tests "
+            'stages 0 to 3. Set "zero_optimization": {"stage": 3} or lower.'
         )
     if stage == 0 and (fp16 or bf16):
         return (
@@ -87,17 +93,13 @@ class DeepSpeedBackend(Backend):
     unscales fp16 gradients and steps its optimizer and its LR scheduler.
 
     Raises:
-        ValueError: a pipeline engine, ZeRO stage 3, ``managed_gradient_accumulation: false``, or a data-parallel
+        ValueError: a pipeline engine, ``managed_gradient_accumulation: false``, or a data-parallel
             size different from the world size (tensor/pipeline parallelism).
     """
 
     name = "deepspeed"
     grads_in_params: ClassVar[bool] = False
-    checkpoint_refusal: ClassVar[str | None] = (
-        "distaccum.checkpoint does not save DeepSpeed engines: ZeRO shards the optimizer state over ranks. "
-        "Use engine.save_checkpoint(dir) / engine.load_checkpoint(dir) and store accumulator.state_dict() "
-        "in client_state."
-    )
+    checkpoint_layout: ClassVar[Literal["replicated", "sharded", "engine"]] = "engine"
 
     def __init__(self, model: nn.Module, world_size: int) -> None:
         super().__init__(model, world_size)
@@ -203,12 +205,16 @@ class DeepSpeedBackend(Backend):
             if grads:
                 torch._foreach_mul_(grads, factor)
             return
-        # ZeRO 1/2: applied through the loss scale during step (see the module docstring).
+        # ZeRO 1 to 3: applied through the loss scale during step (see the module docstring).
         self._factor *= factor
 
     def reduce_pending(self, params: Params) -> None:
-        """Reduce what the ranks accumulated when the data ended mid-window: one boundary backward of zero."""
+        """Reduce what the ranks accumulated when the data ended mid-window: one boundary backward of zero (ZeRO 3:
+        already reduced, the boundary is only finalized)."""
         engine = self.engine
+        if self.stage == 3:
+            self._finalize_partitions()
+            return
         # engine.forward() does this before every backward; this backward has no forward of its own.
         clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
         if clear is not None:
@@ -219,6 +225,22 @@ class DeepSpeedBackend(Backend):
         zero = torch.stack([p.sum() for p in trainable]).sum() * 0.0
         engine.set_gradient_accumulation_boundary(True)
         engine.backward(zero, scale_wrt_gas=False)
+
+    def _finalize_partitions(self) -> None:
+        # Every ZeRO 3 backward reduce-scattered into the partitions already; only the copy into the offloaded fp32
+        # gradients (optimizer offload) waits for a boundary backward, and this finalize does it instead.
+        engine = self.engine
+        finalize = getattr(engine.optimizer, "finalize_gradient_accumulation_boundary", None)
+        if finalize is not None:
+            finalize()
+        elif engine.zero_cpu_offload():
+            raise ValueError(
+                "acc.flush() after a window that did not end on a boundary micro-step: this DeepSpeed's ZeRO 3 "
+                "optimizer offload copies the gradients only in a boundary backward, and it has no "
+                "finalize_gradient_accumulation_boundary() to do it afterwards. End the last window with "
+                "acc.micro_step(last=True) or acc.iterate(loader), or upgrade deepspeed (0.19.8 has it)."
+            )
+        engine.set_gradient_accumulation_boundary(True)
 
     def check_clipping(self, max_grad_norm: float | None) -> None:
         """The accumulator's ``max_grad_norm`` must be the config's ``gradient_clipping`` (None for 0.0).
@@ -278,7 +300,8 @@ class DeepSpeedBackend(Backend):
         if self.stage == 0:
             self.engine.zero_grad()
             return
-        # What ZeRO 1/2's own step does on overflow: drop the param grads and the reduced partitions.
+        # What ZeRO 1/2's own step does on overflow: drop the param grads and the reduced partitions. ZeRO 3's
+        # zero_grad also rewinds its micro-step counter, so the next backward overwrites its partitions.
         optimizer.zero_grad(set_to_none=True)
         release = getattr(optimizer, "_release_preflattened_grad_buffers", None)
         if release is not None:

@@ -74,12 +74,12 @@ def reconcile_config(config: Mapping[str, Any], plan: BatchPlan) -> dict[str, An
     ``plan.micro_batch_size`` and ``gradient_accumulation_steps`` must be ``plan.accum_steps``; a missing field
     or ``"auto"`` is filled from the plan. A missing ``gradient_clipping`` becomes ``0.0`` (DeepSpeed would
     silently clip at 1.0). ``zero_allow_untested_optimizer`` defaults to true so that torch optimizers work
-    under ZeRO 1/2.
+    under ZeRO 1 to 3.
 
     Raises:
         ValueError: a batch field disagrees with the plan (the message prints both equations with numbers), or
-            the config asks for what distaccum cannot drive exactly: ZeRO stage 3, fp16/bf16 at stage 0, bf16
-            with fp32 gradient accumulation at stage 1 (each message gives the fix).
+            the config asks for what distaccum cannot drive exactly: a stage that is not 0 to 3, fp16/bf16 at
+            stage 0, bf16 with fp32 gradient accumulation at stage 1 (each message gives the fix).
 
     Example:
         >>> plan = BatchPlan(global_batch_size=32, micro_batch_size=4, world_size=2)
@@ -176,8 +176,8 @@ def initialize(
     Raises:
         ImportError: deepspeed is not installed (the message has the pip command).
         ValueError: a config batch field disagrees with the plan (the message prints the equation), the config
-            or the model is one distaccum cannot drive exactly (ZeRO 3, a PipelineModule, see
-            :func:`reconcile_config`), or ``plan.world_size`` is not the live world size.
+            or the model is one distaccum cannot drive exactly (a PipelineModule, see :func:`reconcile_config`),
+            or ``plan.world_size`` is not the live world size.
 
     Example (under ``torchrun --nproc_per_node 2`` or the ``deepspeed`` launcher)::
 

@@ -396,8 +396,7 @@ def test_resume_plan_lists_the_world_sizes_that_can_resume(checkpoint_roundtrips
 KILLED_RUN_STEPS = 60
 
 
-@pytest.fixture(scope="module")
-def killed_rank_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def _kill_rank_one_after_the_first_checkpoint(directory: Path, *extra: str) -> dict:
     """examples/train.py on 2 ranks under torchrun --max-restarts 1; the test SIGKILLs rank 1 once the first
     checkpoint exists. Nothing in the training code knows about it."""
     import psutil
@@ -405,11 +404,10 @@ def killed_rank_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from tests.helpers.examples import EXAMPLES, SIZES
     from tests.helpers.launchers import start
 
-    directory = tmp_path_factory.mktemp("killed")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), EXAMPLES / "train.py", *SIZES]
     command += ["--steps", str(KILLED_RUN_STEPS), "--checkpoint-dir", directory / "ckpt", "--checkpoint-every", "10"]
-    command += ["--save", directory / "weights.pt"]
+    command += ["--save", directory / "weights.pt", *extra]
     process = start(command)
     agent = psutil.Process(process.pid)
     try:
@@ -436,17 +434,35 @@ def killed_rank_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"code": process.returncode, "output": output, "directory": directory}
 
 
-@pytest.mark.slow
-def test_a_killed_rank_restarts_from_the_last_checkpoint_with_the_same_weights(killed_rank_run):
+@pytest.fixture(scope="module")
+def killed_rank_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _kill_rank_one_after_the_first_checkpoint(tmp_path_factory.mktemp("killed"))
+
+
+def _assert_restarted_with_the_uninterrupted_weights(run: dict) -> None:
     from tests.helpers.examples import reference_weights
 
-    output = killed_rank_run["output"]
-    assert killed_rank_run["code"] == 0, output[-4000:]
+    output = run["output"]
+    assert run["code"] == 0, output[-4000:]
     assert re.search(r"failed \(exitcode: -9\) local_rank: 1", output), output[-4000:]  # torchrun saw the kill
     resumed = [int(step) for step in re.findall(r"resumed from \S+ at step (\d+)", output)]
     assert len(resumed) == 1 and 10 <= resumed[0] < KILLED_RUN_STEPS, output[-4000:]
-    weights = torch.load(killed_rank_run["directory"] / "weights.pt", weights_only=True)
+    weights = torch.load(run["directory"] / "weights.pt", weights_only=True)
     assert max_relative_error(weights, reference_weights(KILLED_RUN_STEPS)) <= EXACT
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_from_the_last_checkpoint_with_the_same_weights(killed_rank_run):
+    _assert_restarted_with_the_uninterrupted_weights(killed_rank_run)
+
+
+@pytest.mark.slow
+def test_a_killed_deepspeed_rank_restarts_from_the_last_checkpoint_with_the_same_weights(tmp_path: Path):
+    # The same kill under DeepSpeed ZeRO 2: the engine's shards and distaccum's state come back from one checkpoint.
+    zero2 = Path(__file__).resolve().parents[2] / "launch" / "deepspeed" / "zero2.json"
+    run = _kill_rank_one_after_the_first_checkpoint(tmp_path, "--deepspeed", str(zero2))
+    assert "backend=deepspeed" in run["output"]
+    _assert_restarted_with_the_uninterrupted_weights(run)
 
 
 @pytest.mark.slow

@@ -22,13 +22,15 @@ def accelerate_launch(*extra: str | Path) -> list[str | Path]:
 
 
 @pytest.mark.slow
-def test_deepspeed_plugin_trains_to_the_real_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_plugin_trains_to_the_real_batch(tmp_path: Path, stage: int) -> None:
     # The ExponentialLR is not one of DeepSpeed's schedules, so Accelerate wraps it in an AcceleratedScheduler that
     # steps num_processes times per call: distaccum steps the torch scheduler once per optimizer step (measured
     # before the fix: the decay ran twice per step, 6.1e-2 off the real batch after 4 steps).
     path = tmp_path / "weights.pt"
-    command = accelerate_launch(EXAMPLES / "accelerate_train.py", *SIZES, "--steps", str(STEPS), "--save", path)
-    output = launch(command, user_env())
+    config = ROOT / "launch" / "deepspeed" / f"zero{stage}.json"
+    example = [EXAMPLES / "accelerate_train.py", *SIZES, "--steps", str(STEPS), "--save", path]
+    output = launch(accelerate_launch("--deepspeed_config_file", config, *example), user_env())
     assert "distributed_type=DistributedType.DEEPSPEED backend=deepspeed" in output
     assert "accum_steps 2 x micro_batch_size 8 x world_size 2" in output
     assert output.count("step    1/") == 1  # accelerator.print on the main process only: Accelerate counts 2

@@ -1,10 +1,13 @@
-"""DeepSpeed ZeRO 0/1/2 under the Accumulator: equal to the real batch, one loss scaling, exact item weighting.
+"""DeepSpeed ZeRO 0 to 3 under the Accumulator: equal to the real batch, one loss scaling, exact item weighting.
 
-The 2-rank run (one spawn, all three stages in turn) trains nine windows per stage on a real DeepSpeed engine
+The 2-rank run (one spawn, ZeRO 0, 1, 2, 3 and 3 with its optimizer offloaded to the CPU in turn) trains nine
+windows per engine on a real DeepSpeed engine
 over a gloo group: three full windows, a short window ended by ``acc.flush()``, three windows with ragged
 ``num_items`` (one micro-batch of one rank without any item), a window without any item (skipped) and a short
 ``last=True`` window with items; gradient clipping binds on some steps. Each step's weights and pre-clip
-gradient norm are compared with one process training on exactly the samples of that window.
+gradient norm are compared with one process training on exactly the samples of that window. ZeRO 3 (every
+parameter partitioned) also runs uneven per-rank data through ``acc.iterate()`` under a timeout, and refuses a
+mid-window checkpoint with the way out.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,20 +28,24 @@ import pytest
 import torch
 
 from distaccum import Accumulator, BatchPlan
+from tests.helpers import zero3_workers
 from tests.helpers.common import count_calls, loss_fn, make_data, make_model, make_optimizer, max_relative_error
 from tests.helpers.launchers import free_port
 from tests.helpers.spawn import run_ranks
+from tests.helpers.zero3_workers import full_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "launch" / "deepspeed"
-STAGES = (0, 1, 2)
+# The engines the 2-rank run trains in turn, by ZeRO stage; "-offload": optimizer offloaded to the CPU.
+SETUPS = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero3-offload": 3}
+CONFIG_STAGES = (0, 1, 2, 3)  # launch/deepspeed/zero{stage}.json
 GLOBAL_BATCH = 48
 MICRO_BATCH = 4
 WORLD = 2
 ACCUM = GLOBAL_BATCH // (MICRO_BATCH * WORLD)  # 6
 TAIL = 2  # micro-steps per rank in each short window
 CLIP = 0.45  # binds on some steps of this run and not on others (asserted)
-# (kind, micro-steps per rank): the window sequence every stage trains.
+# (kind, micro-steps per rank): the window sequence every engine trains.
 WINDOWS = (
     ("mean", ACCUM),
     ("mean", ACCUM),
@@ -49,15 +57,19 @@ WINDOWS = (
     ("no-items", ACCUM),
     ("items-last", TAIL),
 )
+# Measured max relative weight error: ZeRO 0 7.3e-8, 1 1.0e-7, 2 5.1e-8, 3 8.2e-8, 3 offloaded 5.1e-8, uneven 1.6e-8.
 TOLERANCE = 1e-6
 
 
-def _ds_config(stage: int) -> dict:
-    return {
-        "zero_optimization": {"stage": stage},
-        "gradient_clipping": CLIP,
-        "steps_per_print": 10**9,
-    }
+def _ds_config(setup: str) -> dict:
+    zero: dict = {"stage": SETUPS[setup]}
+    if zero["stage"] == 3:  # threshold 0 partitions every parameter (by default the test model's would stay whole)
+        zero["stage3_param_persistence_threshold"] = 0
+    config = {"zero_optimization": zero, "gradient_clipping": CLIP, "steps_per_print": 10**9}
+    if setup.endswith("-offload"):  # a torch optimizer on the offloaded fp32 partitions: no CPU Adam to build
+        zero["offload_optimizer"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
 
 
 def item_mask(window: int, kind: str) -> torch.Tensor:
@@ -105,12 +117,18 @@ def _naive_double_scaled_norm(engine, inputs: torch.Tensor, targets: torch.Tenso
 def _count_reductions(counter: list[int]) -> Iterator[None]:
     """Counts the gradient reductions DeepSpeed issues (through torch.distributed) inside the block."""
     import torch.distributed as torch_dist
+    from deepspeed.comm import comm as ds_comm
 
-    with count_calls(torch_dist, ("all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter"), counter):
+    # DeepSpeed's torch backend binds torch's reduce_scatter_tensor once, at start-up: ZeRO 3 reduce-scatters
+    # through that reference, which a patch of torch.distributed does not see.
+    with (
+        count_calls(torch_dist, ("all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter"), counter),
+        count_calls(ds_comm.cdb, ("reduce_scatter_function",), counter),
+    ):
         yield
 
 
-def _train_stage(rank: int, stage: int) -> dict:
+def _train_stage(rank: int, setup: str) -> dict:
     import deepspeed  # noqa: F401  (imported before the Accumulator picks the backend, as a user would)
 
     from distaccum.integrations.deepspeed import initialize
@@ -118,10 +136,10 @@ def _train_stage(rank: int, stage: int) -> dict:
     model = make_model()
     optimizer = make_optimizer("sgd", model.parameters())
     plan = BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH)
-    engine = initialize(model, optimizer, plan, _ds_config(stage))
+    engine = initialize(model, optimizer, plan, _ds_config(setup))
     acc = Accumulator(engine, engine.optimizer, plan, max_grad_norm=CLIP)
     inputs, targets = make_data(len(WINDOWS), GLOBAL_BATCH)
-    naive_norm = _naive_double_scaled_norm(engine, inputs[0], targets[0], rank) if stage == 0 else None
+    naive_norm = _naive_double_scaled_norm(engine, inputs[0], targets[0], rank) if setup == "zero0" else None
     steps = []
     inside_window_reductions, window_reductions = [0], [0]
     for window, (kind, micro_steps) in enumerate(WINDOWS):
@@ -152,8 +170,7 @@ def _train_stage(rank: int, stage: int) -> dict:
             acc.flush()
         result = acc.last_step
         assert result is not None and result.step == window + 1
-        weights = {name: value.detach().clone() for name, value in engine.module.state_dict().items()}
-        steps.append({"result": result, "weights": weights})
+        steps.append({"result": result, "weights": full_weights(engine)})
     backend = acc.backend
     del acc, engine, optimizer, model
     return {
@@ -162,18 +179,18 @@ def _train_stage(rank: int, stage: int) -> dict:
         "naive_norm": naive_norm,
         "inside_window_reductions": inside_window_reductions[0],
         "window_reductions": window_reductions[0],
-        "native_window_reductions": _native_window_reductions(rank, stage),
+        "native_window_reductions": _native_window_reductions(rank, setup),
     }
 
 
-def _native_window_reductions(rank: int, stage: int) -> int:
+def _native_window_reductions(rank: int, setup: str) -> int:
     """Reductions in one full window of DeepSpeed's own accumulation (engine.backward + engine.step on every
     micro-batch, its own boundary counter), after a warm-up window: what distaccum must not exceed."""
     from distaccum.integrations.deepspeed import initialize
 
     model = make_model()
     plan = BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH)
-    engine = initialize(model, make_optimizer("sgd", model.parameters()), plan, _ds_config(stage))
+    engine = initialize(model, make_optimizer("sgd", model.parameters()), plan, _ds_config(setup))
     inputs, targets = make_data(2, GLOBAL_BATCH)
     counter = [0]
     for window in range(2):
@@ -189,10 +206,10 @@ def _native_window_reductions(rank: int, stage: int) -> int:
 def _all_stages_worker(rank: int, world_size: int) -> dict:
     _setdefault_deepspeed_env()
     results = {}
-    for stage in STAGES:
+    for setup in SETUPS:
         started = time.monotonic()
-        results[stage] = _train_stage(rank, stage)
-        results[stage]["seconds"] = time.monotonic() - started
+        results[setup] = _train_stage(rank, setup)
+        results[setup]["seconds"] = time.monotonic() - started
     return results
 
 
@@ -235,25 +252,25 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def stage_runs() -> dict:
     started = time.monotonic()
-    runs = run_ranks(_all_stages_worker, timeout_s=400)
-    print(f"\n2-rank DeepSpeed ZeRO 0/1/2 run: {time.monotonic() - started:.1f} s wall")
+    runs = run_ranks(_all_stages_worker, timeout_s=280)  # ~25 s here; the test's own timeout is 300 s
+    print(f"\n2-rank DeepSpeed ZeRO 0 to 3 run: {time.monotonic() - started:.1f} s wall")
     return {"ranks": runs, "reference": reference_steps()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
-def test_zero_stage_equals_real_batch_every_step(stage_runs: dict, stage: int) -> None:
+@pytest.mark.parametrize("setup", SETUPS)
+def test_zero_stage_equals_real_batch_every_step(stage_runs: dict, setup: str) -> None:
     reference = stage_runs["reference"]
     clipped = [step["norm"] is not None and step["norm"] > CLIP for step in reference]
     assert any(clipped) and not all(clipped), "the run must exercise both clipped and unclipped steps"
     for rank, run in enumerate(stage_runs["ranks"]):
-        ours = run[stage]
+        ours = run[setup]
         assert ours["backend"] == "deepspeed"
         errors = [
             max_relative_error(step["weights"], ref["weights"])
             for step, ref in zip(ours["steps"], reference, strict=True)
         ]
-        print(f"ZeRO {stage} rank {rank}: max rel weight error per step {[f'{e:.1e}' for e in errors]}")
+        print(f"{setup} rank {rank}: max rel weight error per step {[f'{e:.1e}' for e in errors]}")
         assert max(errors) <= TOLERANCE, (WINDOWS, errors)
         for (kind, _), step, ref in zip(WINDOWS, ours["steps"], reference, strict=True):
             result = step["result"]
@@ -269,27 +286,27 @@ def test_zero_stage_equals_real_batch_every_step(stage_runs: dict, stage: int) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
-def test_reductions_inside_the_window(stage_runs: dict, stage: int) -> None:
-    # ZeRO 0/1 reduce once per optimizer step, at the boundary; ZeRO 2 reduce-scatters every micro-batch into its
-    # gradient partitions by design (it is how it partitions them), which the README states.
-    counts = [run[stage]["inside_window_reductions"] for run in stage_runs["ranks"]]
-    print(f"ZeRO {stage}: reductions in the {ACCUM - 1} non-boundary micro-steps of a window, per rank: {counts}")
-    if stage < 2:
+@pytest.mark.parametrize("setup", SETUPS)
+def test_reductions_inside_the_window(stage_runs: dict, setup: str) -> None:
+    # ZeRO 0/1 reduce once per optimizer step, at the boundary; ZeRO 2 and 3 reduce-scatter every micro-batch into
+    # their gradient partitions by design (it is how they partition them), which the README states.
+    counts = [run[setup]["inside_window_reductions"] for run in stage_runs["ranks"]]
+    print(f"{setup}: reductions in the {ACCUM - 1} non-boundary micro-steps of a window, per rank: {counts}")
+    if SETUPS[setup] < 2:
         assert counts == [0, 0]
     else:
         assert all(count >= ACCUM - 1 for count in counts)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
-def test_a_window_reduces_what_deepspeeds_own_accumulation_reduces_plus_one_scalar(stage_runs: dict, stage: int):
+@pytest.mark.parametrize("setup", SETUPS)
+def test_a_window_reduces_what_deepspeeds_own_accumulation_reduces_plus_one_scalar(stage_runs: dict, setup: str):
     # Once per optimizer step, exactly: the same gradient reductions as DeepSpeed driving its own window, plus
     # the one scalar all-reduce of the window's item count, loss and step check.
     for run in stage_runs["ranks"]:
-        ours, native = run[stage]["window_reductions"], run[stage]["native_window_reductions"]
-        print(f"ZeRO {stage}: reductions per window, distaccum {ours}, DeepSpeed alone {native}")
-        assert native >= 1 and ours == native + 1, (stage, ours, native)
+        ours, native = run[setup]["window_reductions"], run[setup]["native_window_reductions"]
+        print(f"{setup}: reductions per window, distaccum {ours}, DeepSpeed alone {native}")
+        assert native >= 1 and ours == native + 1, (setup, ours, native)
 
 
 @pytest.mark.slow
@@ -298,10 +315,10 @@ def test_deepspeed_would_divide_by_accum_steps_twice_without_scale_wrt_gas_false
     # every hand-written loop applies gives a gradient accum_steps times too small; the accumulator's is exact.
     reference_norm = stage_runs["reference"][0]["norm"]
     for run in stage_runs["ranks"]:
-        naive = run[0]["naive_norm"]
+        naive = run["zero0"]["naive_norm"]
         print(f"double-scaled norm {naive:.6g} vs real batch {reference_norm:.6g} (ratio {reference_norm / naive:.4g})")
         assert naive * ACCUM == pytest.approx(reference_norm, rel=1e-5)
-        assert run[0]["steps"][0]["result"].grad_norm == pytest.approx(reference_norm, rel=TOLERANCE)
+        assert run["zero0"]["steps"][0]["result"].grad_norm == pytest.approx(reference_norm, rel=TOLERANCE)
 
 
 def test_items_weighting_matters_for_this_data() -> None:
@@ -314,6 +331,63 @@ def test_items_weighting_matters_for_this_data() -> None:
     assert error > 1e-3
 
 
+# ------------------------------------------------------------------------- ZeRO 3: uneven ranks, checkpoints
+@pytest.mark.slow
+def test_zero3_uneven_ranks_through_iterate_run_the_same_forwards_and_equal_the_real_batch() -> None:
+    # Rank 0 holds 8 micro-batches, rank 1 holds 5 (accum_steps 3): iterate() cuts the second window to 2 on both,
+    # so both run 5 forwards (ZeRO 3 all-gathers in each; a 6th on rank 0 alone would wait forever: the timeout
+    # turns that into a failure) and the step is the real batch of those 2 x 2 micro-batches.
+    started = time.monotonic()
+    ranks = run_ranks(zero3_workers.uneven_worker, timeout_s=120)
+    print(f"\nZeRO 3 uneven run: {time.monotonic() - started:.1f} s wall")
+    reference = zero3_workers.reference_uneven()
+    for rank, run in enumerate(ranks):
+        assert run["forwards"] == sum(zero3_workers.COMMON_MICRO_BATCHES), run["forwards"]
+        assert run["dropped"] == zero3_workers.DROPPED[rank]
+        assert run["flushed"] is None  # the short window ended on its last micro-batch
+        assert [step["micro_steps"] for step in run["steps"]] == [WORLD * m for m in zero3_workers.COMMON_MICRO_BATCHES]
+        errors = [max_relative_error(step["weights"], ref) for step, ref in zip(run["steps"], reference, strict=True)]
+        print(f"ZeRO 3 uneven rank {rank}: max rel weight error per step {[f'{e:.1e}' for e in errors]}")
+        assert max(errors) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_zero3_mid_window_checkpoint_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    ranks = run_ranks(zero3_workers.mid_window_checkpoint_worker, str(tmp_path), timeout_s=120)
+    for run in ranks:
+        assert re.search(
+            r"mid-window \(micro-step 1 of 3\) of a DeepSpeed engine: it keeps the window's gradients in ZeRO's "
+            r"private buffers.*Save right after an optimizer step",
+            run["refusals"]["save"] or "",
+        ), run["refusals"]
+        assert re.search(
+            r"include_grads=True at micro-step 1 of 3: deepspeed keeps .* Checkpoint at a window boundary",
+            run["refusals"]["state_dict"] or "",
+        ), run["refusals"]
+        assert run["written"] == [] and run["steps"] == 1  # nothing written; the window still stepped
+
+
+def test_zero3_flush_under_offload_without_finalize_is_refused_with_the_way_out() -> None:
+    # A DeepSpeed without finalize_gradient_accumulation_boundary() (0.19.8 has it): its ZeRO 3 optimizer offload
+    # copies the gradients only in a boundary backward, so a flush after a non-boundary one would step on stale ones.
+    from types import SimpleNamespace
+
+    from distaccum.backends.deepspeed import DeepSpeedBackend
+
+    backend = DeepSpeedBackend.__new__(DeepSpeedBackend)  # no engine to build: only these four calls are made
+    backend.engine = SimpleNamespace(
+        zero_optimization_stage=lambda: 3,
+        zero_cpu_offload=lambda: True,
+        optimizer=object(),
+        set_gradient_accumulation_boundary=lambda is_boundary: None,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"offload copies the gradients only in a boundary backward.*acc\.micro_step\(last=True\) or acc\.iterate",
+    ):
+        backend.reduce_pending([])
+
+
 # ------------------------------------------------------------------------------ config checks (no ranks)
 def _plan(world_size: int = 2) -> BatchPlan:
     return BatchPlan(global_batch_size=32, micro_batch_size=8, world_size=world_size)
@@ -322,7 +396,7 @@ def _plan(world_size: int = 2) -> BatchPlan:
 @pytest.mark.parametrize(
     ("section", "refusal"),
     [
-        ({"zero_optimization": {"stage": 3}}, r"stage is 3; distaccum supports and tests stages 0, 1 and 2"),
+        ({"zero_optimization": {"stage": 4}}, r"stage is 4, which is not a ZeRO stage.*stages 0 to 3"),
         ({"fp16": {"enabled": True}}, r"stage 0 with fp16 .* Use ZeRO stage 1 or 2 for mixed precision"),
         ({"bf16": {"enabled": True}}, r"stage 0 with bf16 .* Use ZeRO stage 1 or 2 for mixed precision"),
         (
@@ -330,7 +404,7 @@ def _plan(world_size: int = 2) -> BatchPlan:
             r"selects BF16_Optimizer, which has no loss scaler.*Leave grad_accum_dtype unset",
         ),
     ],
-    ids=["zero3", "zero0-fp16", "zero0-bf16", "zero1-bf16-fp32-accum"],
+    ids=["zero4", "zero0-fp16", "zero0-bf16", "zero1-bf16-fp32-accum"],
 )
 def test_config_that_cannot_be_driven_exactly_is_refused_before_the_engine_is_built(section, refusal) -> None:
     from distaccum.integrations.deepspeed import reconcile_config
@@ -349,10 +423,12 @@ def test_a_pipeline_module_is_refused_before_anything_starts() -> None:
         initialize(pipeline, None, _plan(world_size=1), {})
 
 
-def test_mixed_precision_configs_that_work_pass_the_checks() -> None:
+def test_configs_that_work_pass_the_checks() -> None:
     from distaccum.integrations.deepspeed import reconcile_config
 
     for config in (
+        {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
+        {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}},
         {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}},
         {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}},
         {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
@@ -479,7 +555,7 @@ def _train_defaults() -> dict:
         sys.path.remove(str(ROOT / "examples"))
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", CONFIG_STAGES)
 def test_launch_config_agrees_with_train_defaults(stage: int) -> None:
     from distaccum.integrations.deepspeed import load_config, reconcile_config
 
@@ -509,7 +585,8 @@ def test_accelerate_deepspeed_yaml_matches_json() -> None:
     assert config["train_batch_size"] == (
         config["gradient_accumulation_steps"] * config["train_micro_batch_size_per_gpu"] * launch.num_processes
     )
-    assert launch.mixed_precision == "no" and not config["fp16"]["enabled"] and not config["bf16"]["enabled"]
+    # No mixed_precision key, or "no": with a deepspeed_config_file the precision lives in the JSON.
+    assert launch.mixed_precision in (None, "no") and not config["fp16"]["enabled"] and not config["bf16"]["enabled"]
     # Accelerate's own processing of the JSON (no transformers needed for this part).
     plugin = DeepSpeedPlugin(hf_ds_config=str(json_path), zero3_init_flag=False)
     assert plugin.gradient_accumulation_steps == config["gradient_accumulation_steps"]
@@ -540,7 +617,9 @@ def _train_reference() -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("stage", "launcher"), [(0, "deepspeed"), (1, "torchrun"), (2, "torchrun")], ids=["zero0", "zero1", "zero2"]
+    ("stage", "launcher"),
+    [(0, "deepspeed"), (1, "torchrun"), (2, "torchrun"), (3, "torchrun")],
+    ids=["zero0", "zero1", "zero2", "zero3"],
 )
 def test_train_example_under_launcher_equals_real_batch(tmp_path: Path, stage: int, launcher: str) -> None:
     port = str(free_port())

@@ -19,7 +19,7 @@ LAYERS = (
     ("distaccum.schedule",),
     ("distaccum.batchnorm", "distaccum.noise"),
     ("distaccum.collectives", "distaccum.weighting", "distaccum.backends", "distaccum.integrations"),
-    ("distaccum.checkpoint_files",),
+    ("distaccum.checkpoint_files", "distaccum.checkpoint_engine"),
     (
         "distaccum.uneven",
         "distaccum.resize",
