@@ -53,6 +53,9 @@ class Accumulator(AccumulatorState):
             read of the gradients per step; with ``max_grad_norm`` or ``noise_scale`` it is computed anyway).
         accumulate_dtype: ``torch.float32`` sums bf16/fp16 gradients in float32, rounded once per step (None: not).
             ``"auto"``: float32 if accum_steps > 1 on plain/DDP: the bf16 sum's error grows with k (:mod:`.precision`).
+        grad_sync: when backward reduces: ``"boundary"`` (default everywhere: one reduction per step, as measured the
+            fastest; a whole gradient per rank in the window), ``"sharded"`` (FSDP: reduce-scatter every micro-step
+            keeping only shards, HSDP's replica all-reduce at the boundary), ``"every"`` (all of it, every micro-step).
 
     Raises:
         ValueError: bad argument, a plan made for another world size, or an unwrapped model on several ranks.
@@ -84,6 +87,7 @@ class Accumulator(AccumulatorState):
         noise_scale: float | None = None,
         report_grad_norm: bool = False,
         accumulate_dtype: precision.AccumulateDtype = "auto",
+        grad_sync: backends.GradSync | None = None,
     ) -> None:
         self._plans = PlanTracker(plan, auto_micro_batch=auto_micro_batch)
         plan = self._plans.plan  # a schedule's first stage
@@ -97,12 +101,17 @@ class Accumulator(AccumulatorState):
         self.scheduler = scheduler
         self.grad_scaler = grad_scaler
         self.check_ranks = check_ranks
-        self._backend = backends.select(model, plan.world_size)
+        self._backend = backends.select(model, plan.world_size, grad_sync)
         self._backend.check_options(self._options)
+        backends.sync.check_hand_reduction(
+            self._backend, auto_micro_batch=auto_micro_batch, float32_sums=accumulate_dtype == torch.float32
+        )
         most = self._plans.largest_accum_steps
         bn = BatchNormWindow.attach(model, batch_norm, most)
         noise = NoiseScale.checked(noise_scale, self.backend, self.grads_in_params)
         self._window = WindowLedger(plan.accum_steps, bn, deferred=auto_micro_batch, noise=noise)
+        if self._backend.syncs_in_window:  # reduced every micro-step: there is no window sum to keep in float32
+            accumulate_dtype = None
         self._fp32 = precision.Fp32Window.build(accumulate_dtype, optimizer, most, self._backend, self._window)
         self._auto = auto_micro_batch
         if auto_micro_batch:
@@ -161,8 +170,8 @@ class Accumulator(AccumulatorState):
         self.stepped = False
         if boundary and not self._auto and self._fp32 is None:  # else reduced by hand (resize.py, precision.py)
             self._backend.before_sync()
-            return MicroStep(self, boundary, None)
-        return MicroStep(self, boundary, self._backend.no_sync())
+            return MicroStep(self, boundary, self._backend.boundary_sync())
+        return MicroStep(self, boundary, self._backend.window_sync())
 
     def _end_micro_step(self, boundary: bool, error: BaseException | None) -> bool:  # MicroStep.__exit__
         self._in_micro_step = False
@@ -183,23 +192,6 @@ class Accumulator(AccumulatorState):
         if boundary:
             self._finish_window()
         return False
-
-    def _abandon_micro_step(self, boundary: bool) -> None:  # the block raised; semantics: discard_window()
-        self._window.position += 1
-        self._window.discarded = True
-        if not boundary:
-            return
-        if self._backward_done:  # this rank joined the boundary reduction: close the window with the others
-            self._finish_window()
-        elif self._backend.grads_in_params:  # no reduction joined: close locally, re-check the ranks next time
-            self._finish_window(local=True)
-            self._agreed = False
-        else:
-            self._broken = (
-                f"a {self.backend} boundary micro-step raised before acc.backward(): its unsynced gradients are in "
-                "buffers only a backward can reduce or clear, so no later step would be exact. Resume from the last "
-                "checkpoint (distaccum.checkpoint.load) in a fresh process."
-            )
 
     def backward(self, loss: torch.Tensor, *, num_items: int | torch.Tensor | None = None) -> None:
         """Backward of ``loss`` scaled once for the window (and by the GradScaler, if any).

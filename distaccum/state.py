@@ -32,6 +32,11 @@ class AccumulatorState:
     _agreed: bool
     _in_micro_step: bool
     _boundary_now: bool
+    _backward_done: bool
+    _broken: str | None
+
+    def _finish_window(self, *, local: bool = False, reduced: bool = False) -> None:
+        raise NotImplementedError  # the accumulator's boundary: factor, step, StepResult
 
     @property
     def micro_step_in_window(self) -> int:
@@ -141,6 +146,23 @@ class AccumulatorState:
         """
         if self._in_micro_step or self._window.position:
             self._window.discarded = True
+
+    def _abandon_micro_step(self, boundary: bool) -> None:  # the block raised; semantics: discard_window()
+        self._window.position += 1
+        self._window.discarded = True
+        if not boundary:
+            return
+        if self._backward_done:  # this rank joined the boundary reduction: close the window with the others
+            self._finish_window()
+        elif self._backend.grads_in_params:  # no reduction joined: close locally, re-check the ranks next time
+            self._finish_window(local=True)
+            self._agreed = False
+        else:
+            self._broken = (
+                f"a {self.backend} boundary micro-step raised before acc.backward(): its unsynced gradients are in "
+                "buffers only a backward can reduce or clear, so no later step would be exact. Resume from the last "
+                "checkpoint (distaccum.checkpoint.load) in a fresh process."
+            )
 
     def _discard_window(self) -> None:  # local, unsynced gradients of a window that will never step
         if self._fp32 is not None:

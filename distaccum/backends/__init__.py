@@ -14,9 +14,22 @@ import sys
 from torch import nn
 
 from distaccum import collectives
+from distaccum.backends import sync
 from distaccum.backends.base import Backend, StepOptions, params_of
+from distaccum.backends.sync import GRAD_SYNC_MODES, GradSync
 
-__all__ = ["REGISTRY", "Backend", "StepOptions", "backend_class", "params_of", "select", "wrapper_of"]
+__all__ = [
+    "GRAD_SYNC_MODES",
+    "REGISTRY",
+    "Backend",
+    "GradSync",
+    "StepOptions",
+    "backend_class",
+    "params_of",
+    "select",
+    "sync",
+    "wrapper_of",
+]
 
 REGISTRY: tuple[tuple[str | None, str, str], ...] = (
     # (library the user must have imported, or None; module; class), tried in order; Backend is the fallback.
@@ -52,12 +65,14 @@ def backend_class(model: nn.Module) -> type[Backend]:
     return Backend
 
 
-def select(model: nn.Module, world_size: int) -> Backend:
-    """The backend for ``model``; refuses an unwrapped model when ``world_size > 1``.
+def select(model: nn.Module, world_size: int, grad_sync: GradSync | None = None) -> Backend:
+    """The backend for ``model``, reducing gradients when ``grad_sync`` says (:mod:`distaccum.backends.sync`);
+    refuses an unwrapped model when ``world_size > 1``.
 
     Raises:
         ValueError: ``model`` is a plain module while ``world_size > 1`` (its gradients would never be
-            averaged across ranks), or the wrapper is configured in a way its backend cannot drive.
+            averaged across ranks), the wrapper is configured in a way its backend cannot drive, or it cannot
+            run ``grad_sync``.
 
     Example:
         >>> select(nn.Linear(2, 1), world_size=1).name
@@ -73,5 +88,7 @@ def select(model: nn.Module, world_size: int) -> Backend:
             "or deepspeed.initialize(model=model, ...). (Under `accelerate launch` without a GPU, set "
             "ACCELERATE_USE_CPU=1 so that Accelerate wraps the model.)"
         )
+    backend = chosen(wrapper, world_size)
+    backend.grad_sync = sync.choose(backend, grad_sync)  # before bind_device: a refusal changes nothing
     collectives.bind_device(wrapper)  # NCCL's scalars go to the GPU that holds the model
-    return chosen(wrapper, world_size)
+    return backend

@@ -19,6 +19,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from distaccum.backends.sync import GradSync
+
 Params = list[torch.Tensor]
 _NOTHING = contextlib.nullcontext()  # reusable: entered on every micro-step of a plain model
 
@@ -86,10 +88,13 @@ class Backend:
     """True when every rank holds the same whole reduced gradient (a local non-finite check is a global one)."""
     checkpoint_refusal: ClassVar[str | None] = None
     """Why :mod:`distaccum.checkpoint` cannot save this wrapper, and what to use instead (None: it can)."""
+    default_grad_sync: ClassVar[GradSync] = "boundary"
+    """What ``Accumulator(grad_sync=None)`` means on this wrapper."""
 
     def __init__(self, model: nn.Module, world_size: int) -> None:
         self.model = model
         self.world_size = world_size
+        self.grad_sync: GradSync = self.default_grad_sync  # when backward reduces (backends.sync.choose)
         self._checks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # check_and_scale's flag and 1.0
 
     @classmethod
@@ -113,6 +118,27 @@ class Backend:
     def averaging_ranks(self) -> int:
         """How many ranks' gradients a reduction averages over (1 when nothing is reduced)."""
         return self.world_size
+
+    def grad_sync_refusal(self, mode: GradSync) -> str | None:
+        """Why this wrapper cannot run ``mode``, and what to use instead (None: it can)."""
+        if mode == "boundary" or (mode == "every" and self.name == "plain"):  # one process: nothing to reduce
+            return None
+        if self.name == "plain":
+            return "one process reduces nothing, so nothing is sharded. Use 'boundary' (default) or 'every' (the same)"
+        return f"the {self.name} engine decides by itself when it reduces; leave grad_sync as None or 'boundary'"
+
+    @property
+    def syncs_in_window(self) -> bool:
+        """Whether backward reduces inside the window too (``"every"``, or ``"sharded"`` on FSDP)."""
+        return False
+
+    def window_sync(self) -> contextlib.AbstractContextManager[None]:
+        """Context of a micro-step inside the window (not its boundary) under :attr:`grad_sync`."""
+        return self.no_sync()
+
+    def boundary_sync(self) -> contextlib.AbstractContextManager[None] | None:
+        """Context of the boundary micro-step, whose backward reduces (None: nothing to set)."""
+        return None
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         """Context in which backward accumulates gradients locally without reducing them."""

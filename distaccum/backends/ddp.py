@@ -19,12 +19,12 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from distaccum.backends.base import Backend, Params, StepOptions, StepWindow, grads_of
+from distaccum.backends.base import Backend, GradSync, Params, StepOptions, StepWindow, grads_of
 
 
 class DDPBackend(Backend):
     """DDP (also what ``accelerator.prepare`` returns on several processes): one reduction, in the boundary
-    backward; gradients stay in ``param.grad``."""
+    backward (``grad_sync="every"``: in every micro-step's); gradients stay in ``param.grad``."""
 
     name = "ddp"
 
@@ -52,6 +52,27 @@ class DDPBackend(Backend):
             # parameter with (grad, param), not with a GradBucket: ours would fail there, so the step checks instead.
             if not getattr(self.model, "_use_python_reducer", False):
                 self.hook = CheckedAverage.attach(self.model)
+
+    def grad_sync_refusal(self, mode: GradSync) -> str | None:
+        if mode != "sharded":
+            return None
+        return (
+            "DDP keeps a whole gradient on every rank, so nothing is sharded. Use 'boundary' (the default: one "
+            "all-reduce per optimizer step) or 'every' (one per micro-step), or shard the model with FSDP2 "
+            "(fully_shard) to keep gradients sharded"
+        )
+
+    @property
+    def syncs_in_window(self) -> bool:
+        return self.grad_sync == "every"
+
+    def window_sync(self) -> contextlib.AbstractContextManager[None]:
+        if self.grad_sync != "every":
+            return self.no_sync()
+        # "every": DDP reduces in each backward (through the checking hook from the first one); each reduction
+        # averages (reduced so far + this rank's new), which is the reduced sum so far + the new average.
+        self.before_sync()
+        return contextlib.nullcontext()
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         if not self._graph_recorded:
@@ -85,7 +106,9 @@ class DDPBackend(Backend):
     def reduce_pending(self, params: Params) -> None:
         """All-reduce gradients accumulated under ``no_sync`` by hand (a short window at the end of data, or every
         window under ``auto_micro_batch``), in buckets of DDP's ``bucket_cap_mb``: a flat copy of the whole
-        gradient would double its memory at the boundary."""
+        gradient would double its memory at the boundary. Nothing under ``grad_sync="every"``: reduced already."""
+        if self.syncs_in_window:
+            return
         # A rank that ran no micro-step in the short window still joins the all-reduce, with zeros.
         for param in params:
             if param.grad is None and param.requires_grad:

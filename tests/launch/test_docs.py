@@ -29,7 +29,8 @@ def test_readme_leads_with_the_commands_and_stays_short() -> None:
     readme = (ROOT / "README.md").read_text()
     assert readme.index("bash launch/dev.sh demo") < readme.index("## In ten lines") < readme.index("## Launch")
     assert "bash launch/dev.sh test" in readme
-    assert len(readme.splitlines()) <= 255, "the long measured sections belong on the pages the README links to"
+    # 265: the wrappers x grad_sync modes table (issue 11) sits in "What it guarantees"; the rest links out.
+    assert len(readme.splitlines()) <= 265, "the long measured sections belong on the pages the README links to"
 
 
 def test_docs_name_no_module_that_is_gone() -> None:
