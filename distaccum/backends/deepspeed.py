@@ -9,8 +9,9 @@ How the Accumulator drives the engine (ZeRO stages 0 to 3; fp32, or fp16/bf16 at
 * **Window.** Before every backward the accumulator says whether this micro-step ends the window with
   ``engine.set_gradient_accumulation_boundary(...)``; DeepSpeed's own micro-step counter is never consulted, so
   short windows (``flush`` / ``last=True``) work. ZeRO 0 and 1 then reduce once, in the boundary backward;
-  ZeRO 2 and 3 reduce-scatter every micro-batch into their partition buffers by design (that is what partitions
-  their gradients), so they pay one reduction per micro-batch. ``engine.no_sync()`` is not used: it refuses
+  ZeRO 2 and 3 reduce every micro-batch into their partition buffers by design (that is what partitions their
+  gradients; on CPU/gloo ZeRO 2 does it with an all-reduce of its bucket, ZeRO 3 with a reduce-scatter, counted by
+  ``distaccum bench``), so they pay one reduction per micro-batch. ``engine.no_sync()`` is not used: it refuses
   ZeRO 2 and 3.
 * **ZeRO 3** all-gathers the parameters in every forward, so every rank must run the same number of micro-steps:
   :meth:`~distaccum.Accumulator.iterate` (uneven data, :mod:`distaccum.uneven`) cuts the window where the first rank

@@ -4,7 +4,10 @@ The contenders (:mod:`distaccum.tools.bench.methods`): (a) DDP with an all-reduc
 hand-written ``no_sync`` loop, (c) distaccum, (g) distaccum with ``num_items``, (d) Accelerate's
 ``accumulate``, (e) DeepSpeed ZeRO 0, (h) distaccum driving a DeepSpeed engine (the integration), (f) the real
 batch ``micro x k`` in one pass; for a fair comparison also (i) the hand-written loop and (j) distaccum, both
-clipping the gradient norm (same work), and (k) an identical copy of (b), the A/A twin. The models
+clipping the gradient norm (same work), and (k) an identical copy of (b), the A/A twin. Opt-in (``--methods``,
+:mod:`distaccum.tools.bench.methods_sharded`): (l) to (n) distaccum over FSDP2 with ``grad_sync="boundary"``,
+``"sharded"``, ``"every"``, (o) and (p) over HSDP (2 x 2 mesh, ``--nproc 4`` only) with ``"boundary"`` and
+``"sharded"``, and (q) to (t) DeepSpeed ZeRO 2 and 3, by its own accumulation and driven by distaccum. The models
 (:mod:`distaccum.tools.bench.models`): a 16.8M-parameter MLP (communication-heavy) and a small causal transformer
 over ragged token sequences (activation-heavy).
 
@@ -21,10 +24,16 @@ How it measures (the design, and why):
   used resolve 1%.
 * **Reductions**: counted while the timed steps run, never assumed: a DDP comm hook counts one call per
   gradient bucket; Python-level collectives (DeepSpeed's gradient all-reduce, distaccum's scalar window
-  all-reduce) are counted by wrapping ``torch.distributed``'s functions.
+  all-reduce) are counted by wrapping ``torch.distributed``'s functions: FSDP2's reduce-scatters at
+  ``reduce_scatter_single``, ZeRO 3's at ``reduce_scatter_tensor``, HSDP's replica all-reduces as all-reduces over
+  a sub-group. Reduce-scatters and all-reduces are reported apart, and the sharded methods count them per
+  micro-step too. Sharded weights are read gathered for the sanity check (``DTensor.full_tensor()``,
+  ``deepspeed.zero.GatheredParameters``).
 * **Memory**: a fresh group of processes per (method, model, accum_steps): peak RSS of the process
   (``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on GPU, the largest over ranks. A fresh process
   is the only way a peak belongs to one method alone, which is why memory is not measured in the timing job.
+  ``--memory-accum-steps`` may name k values that are not timed; the report tabulates every method's peak against
+  k (:mod:`distaccum.tools.bench.report_memory`).
 
 * **A slow link** (``--link-rate 1Gbit``, Linux and root): the two ranks run as two nodes in network namespaces
   joined by a ``tc``-shaped veth pair (:mod:`distaccum.tools.bench.netns`, removed afterwards, also on failure),
@@ -33,9 +42,9 @@ How it measures (the design, and why):
 * **Figure** (:mod:`distaccum.tools.bench.plot`, needs matplotlib): ``--plot PATH``, or ``X.png`` next to
   ``--json X.json``: peak memory per rank against k from the memory sweep, and step time against k per method.
 
-Modules, in dependency order: ``models`` and ``counting`` -> ``methods`` -> ``config``, ``netns``, ``report_ratios``
--> ``report`` and ``plot`` -> ``launch`` (starts the ranks) -> ``cli``; each rank runs
-``python -m distaccum.tools.bench.worker``.
+Modules, in dependency order: ``models`` and ``counting`` -> ``methods_base`` -> ``methods_sharded`` -> ``methods``
+-> ``config``, ``netns``, ``report_ratios``, ``report_memory`` -> ``report`` and ``plot`` -> ``launch`` (starts the
+ranks) -> ``cli``; each rank runs ``python -m distaccum.tools.bench.worker``.
 
 Example:
     ``distaccum bench --nproc 2 --json bench.json`` (a few minutes on 2 CPU cores).

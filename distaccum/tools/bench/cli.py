@@ -37,7 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{' '.join(map(str, OverheadConfig.accum_steps))}",
     )
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the model's (8)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(defaults.methods))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(defaults.methods),
+        help="default: (a) to (k), those installed; opt-in: fsdp2_* (FSDP2 per grad_sync mode), hsdp_* (--nproc 4 "
+        "only), deepspeed_zero2/3 and distaccum_zero2/3",
+    )
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed rounds (default %(default)s)")
     parser.add_argument(
         "--rounds",
@@ -52,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="K",
-        help="measure every method's memory only at these accum_steps (default: all of --accum-steps)",
+        help="measure every method's memory at these accum_steps, timed or not (default: all of --accum-steps)",
     )
     parser.add_argument("--memory-sweep", nargs="*", type=int, default=list(defaults.memory_sweep), metavar="K")
     parser.add_argument("--memory-steps", type=int, default=defaults.memory_steps)

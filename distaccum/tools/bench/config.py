@@ -13,8 +13,10 @@ from distaccum.tools.planner import parse_bandwidth
 
 _NEEDS = {
     "accelerate": ("accelerate",),
-    "deepspeed": ("deepspeed",),
-    "distaccum_deepspeed": ("deepspeed", "distaccum.integrations.deepspeed"),
+    **dict.fromkeys(("deepspeed", "deepspeed_zero2", "deepspeed_zero3"), ("deepspeed",)),
+    **dict.fromkeys(
+        ("distaccum_deepspeed", "distaccum_zero2", "distaccum_zero3"), ("deepspeed", "distaccum.integrations.deepspeed")
+    ),
 }
 
 SWEEP_METHODS = ("distaccum", "real_batch")
@@ -22,7 +24,8 @@ SWEEP_METHODS = ("distaccum", "real_batch")
 
 
 def available_methods() -> tuple[str, ...]:
-    """Every method whose libraries are installed (Accelerate and DeepSpeed are optional dependencies)."""
+    """The default methods: (a) to (k) where their libraries are installed (Accelerate and DeepSpeed are optional
+    dependencies). The sharded ones, (l) to (t), are opt-in: name them with ``--methods``."""
 
     def installed(module: str) -> bool:
         try:
@@ -30,7 +33,11 @@ def available_methods() -> tuple[str, ...]:
         except ModuleNotFoundError:
             return False
 
-    return tuple(name for name in METHODS if all(installed(module) for module in _NEEDS.get(name, ())))
+    return tuple(
+        name
+        for name, method in METHODS.items()
+        if not method.opt_in and all(installed(module) for module in _NEEDS.get(name, ()))
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +53,7 @@ class BenchConfig:
     micro_batch_size: int | None = None
     """Samples per micro-batch; None takes each model's default (8)."""
     methods: tuple[str, ...] = dataclasses.field(default_factory=available_methods)
-    """Methods to compare, from :data:`distaccum.tools.bench.methods.METHODS`; default: all that are installed."""
+    """Methods to compare, from :data:`distaccum.tools.bench.methods.METHODS`; default: (a) to (k), those installed."""
     warmup: int = 1
     """Untimed rounds per case (first-touch allocations, DDP bucket rebuild, lazy inits)."""
     rounds: int = 5
@@ -54,7 +61,7 @@ class BenchConfig:
     memory: bool = True
     """Measure peak memory of every method in fresh processes (at ``memory_accum_steps``)."""
     memory_accum_steps: tuple[int, ...] | None = None
-    """accum_steps of the timing cases whose methods get a memory run; None: all of ``accum_steps``."""
+    """accum_steps at which every method gets a memory run, timed or not; None: all of ``accum_steps``."""
     memory_sweep: tuple[int, ...] = (1, 64)
     """accum_steps of the memory sweep (virtual vs real batch); empty to skip."""
     memory_steps: int = 1
@@ -76,7 +83,7 @@ class BenchConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        bad = [k for k in (*self.accum_steps, *self.memory_sweep) if k < 1]
+        bad = [k for k in (*self.accum_steps, *self.memory_sweep, *(self.memory_accum_steps or ())) if k < 1]
         if not self.accum_steps or bad:
             raise ValueError(f"accum_steps and memory_sweep need values >= 1 (accum_steps needs one), got {bad}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -84,6 +91,13 @@ class BenchConfig:
         for name in self.models:
             model_spec(name, self.size)
         check_methods(list(self.methods))
+        fixed = [name for name in self.methods if METHODS[name].nproc not in (None, self.nproc)]
+        if fixed:
+            raise ValueError(
+                f"methods {' '.join(fixed)} run FSDP2 on a 2 x 2 (replicate, shard) mesh, which needs "
+                f"{METHODS[fixed[0]].nproc} ranks, but nproc is {self.nproc}: use --nproc 4, or drop them from "
+                "--methods"
+            )
         if self.link_rate is not None:
             parse_bandwidth(self.link_rate)
             if self.nproc != 2:

@@ -182,9 +182,9 @@ def run_benchmark(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
         memory_runs: list[tuple[dict[str, Any], str]] = []
         if config.memory:
             wanted = config.accum_steps if config.memory_accum_steps is None else config.memory_accum_steps
-            memory_runs += [
-                (case, method) for case in cases if case["accum_steps"] in wanted for method in config.methods
-            ]
+            # Any k, timed or not: a memory job needs no timing case (a step at k=64 can be too slow to time often).
+            memory_cases = _cases(dataclasses.replace(config, accum_steps=wanted))
+            memory_runs += [(case, method) for case in memory_cases for method in config.methods]
         for name in config.models:
             micro = config.micro_batch_size or model_spec(name, config.size).default_micro_batch_size
             for k in config.memory_sweep:

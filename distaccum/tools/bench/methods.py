@@ -2,7 +2,9 @@
 
 (a) to (h) are the ways to accumulate; (i) and (j) are the hand-written loop and distaccum, both clipping the
 global gradient norm to :data:`MAX_NORM`, so that both compute that norm (an equal-work pair); (k) is a second,
-identical copy of the hand-written loop (b): its ratio to (b) is the benchmark's measured noise floor.
+identical copy of the hand-written loop (b): its ratio to (b) is the benchmark's measured noise floor. Opt-in
+(``--methods``): (l) to (p), distaccum over FSDP2 and HSDP in each ``grad_sync`` mode (:mod:`.methods_sharded`), and
+(q) to (t), DeepSpeed ZeRO 2 and 3, through DeepSpeed's own accumulation and driven by distaccum.
 
 Each method builds its own copy of the model from the same seed, takes the same micro-batches and does one
 optimizer step per :meth:`Method.step`. Communication is counted while it runs (:mod:`.counting`): gradient
@@ -14,90 +16,17 @@ wrapping those functions.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from distaccum import dist
-from distaccum.tools.bench.counting import CommCounter, counting_allreduce_hook
-from distaccum.tools.bench.models import Batch, ModelSpec
+from distaccum.tools.bench.methods_base import LEARNING_RATE, MAX_NORM, Context, Method
+from distaccum.tools.bench.methods_sharded import SHARDED_METHODS
+from distaccum.tools.bench.models import Batch
 
-LEARNING_RATE = 1e-3
-MAX_NORM = 0.005
-"""Clipping threshold of (i) and (j). The full MLP's reduced gradient norm (micro 8, 2 ranks, unclipped) is
-0.0048-0.0051 over the first 11 steps at k=8, so (i) and (j) clip on about half of them (6 of 11); they clip on
-every step at k=1 (0.013-0.014), on the tiny MLP (~0.1) and on both transformers (0.57-0.96), and on none at
-k=64 (0.0021-0.0022). Either way both do the same work: ``clip_grad_norm_`` computes the norm and multiplies by
-the clamped factor whether it clips or not."""
-
-
-@dataclass
-class Context:
-    """What all methods of one worker share: device, world, counters, and one Accelerator per process."""
-
-    spec: ModelSpec
-    micro_batch_size: int
-    accum_steps: int
-    seed: int
-    device: torch.device
-    world_size: int
-    counter: CommCounter
-    raw_all_reduce: Callable[..., Any]
-    accelerator: Any = None
-    python_gradient_reductions: bool = False
-    """True while a DeepSpeed engine steps: its gradient all-reduces are Python-level calls."""
-
-
-class Method:
-    """One way to accumulate; subclasses build the model in ``__init__`` and implement :meth:`step`."""
-
-    key: ClassVar[str]
-    """Name used on the command line and in JSON."""
-    letter: ClassVar[str]
-    """The letter of the issue's list, (a) to (g), then (h) to (k)."""
-    title: ClassVar[str]
-    reference: ClassVar[str] = "no_sync"
-    """The method whose update this one must equal (the sanity check): (b), or (i) for the clipping ones."""
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.model = self._fresh_model()
-
-    def _fresh_model(self) -> nn.Module:
-        torch.manual_seed(self.ctx.seed)
-        return self.ctx.spec.build().to(self.ctx.device)
-
-    def _ddp(self, model: nn.Module, *, counting_hook: bool = True) -> nn.Module:
-        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        if counting_hook:
-            self._hook(wrapped)
-        return wrapped
-
-    def _hook(self, wrapped: nn.Module) -> None:
-        ctx = self.ctx
-        wrapped.register_comm_hook(None, counting_allreduce_hook(ctx.counter, ctx.raw_all_reduce, ctx.world_size))  # type: ignore[operator]
-
-    def _loss(self, batch: Batch) -> torch.Tensor:
-        inputs, targets = batch
-        return self.ctx.spec.loss(self.model(inputs), targets)
-
-    def prepare(self, batches: list[Batch]) -> Any:
-        """Put this round's micro-batches on the device (outside the timed region)."""
-        return [(x.to(self.ctx.device), y.to(self.ctx.device)) for x, y in batches]
-
-    def step(self, batches: Any) -> None:
-        raise NotImplementedError
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [p.detach() for p in self.model.parameters()]
-
-    def close(self) -> None:
-        """Release references (models, optimizers) so that the next case starts from a clean slate."""
-        self.__dict__.clear()
+__all__ = ["LEARNING_RATE", "MAX_NORM", "METHODS", "Context", "Method", "check_methods", "method_labels"]
 
 
 class SyncEveryMicroBatch(Method):
@@ -163,6 +92,8 @@ class Distaccum(Method):
     key, letter, title = "distaccum", "c", "distaccum Accumulator over DDP"
     with_items: ClassVar[bool] = False
     max_grad_norm: ClassVar[float | None] = None
+    mark_micro_steps: ClassVar[bool] = False
+    """Count the reductions of each micro-step apart (``CommCounter.by_micro_step``; DeepSpeed's)."""
 
     def __init__(self, ctx: Context) -> None:
         from distaccum import Accumulator, BatchPlan
@@ -185,6 +116,8 @@ class Distaccum(Method):
                         acc.backward(self._loss(batch), num_items=self.ctx.spec.num_items(batch[1]))
                     else:
                         acc.backward(self._loss(batch))
+                if self.mark_micro_steps:
+                    self.ctx.counter.end_micro_step()
         finally:
             self.ctx.python_gradient_reductions = False
         assert acc.stepped, "the window did not end with the round"
@@ -237,7 +170,39 @@ class AccelerateAccumulate(Method):
         super().close()
 
 
-class DeepSpeedZero0(Method):
+def _zero_config(stage: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0  # else the bench's small parameters stay whole on every rank
+    # DeepSpeed 0.19 clips at 1.0 unless told otherwise; only (i) and (j) clip (at MAX_NORM).
+    return {
+        "zero_optimization": zero,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+class _ZeroParameters(Method):
+    stage: ClassVar[int] = 0
+
+    def parameters(self) -> list[torch.Tensor]:
+        if self.stage < 3:
+            return super().parameters()
+        import deepspeed
+
+        # ZeRO 3 holds a partition per rank: every rank gathers the whole weights (a collective) to compare them.
+        params = list(self.model.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
+
+    def close(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self.model.destroy()  # type: ignore[operator]
+        super().close()
+
+
+class DeepSpeedZero0(_ZeroParameters):
     key, letter, title = "deepspeed", "e", "DeepSpeed ZeRO 0 gradient accumulation"
 
     def __init__(self, ctx: Context) -> None:
@@ -249,33 +214,36 @@ class DeepSpeedZero0(Method):
             "train_micro_batch_size_per_gpu": ctx.micro_batch_size,
             "gradient_accumulation_steps": ctx.accum_steps,
             "train_batch_size": ctx.micro_batch_size * ctx.accum_steps * ctx.world_size,
-            "zero_optimization": {"stage": 0},
-            # DeepSpeed 0.19 clips at 1.0 unless told otherwise; only (i) and (j) clip (at MAX_NORM).
-            "gradient_clipping": 0.0,
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
+            **_zero_config(self.stage),
         }
         optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
         self.model, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=config)
 
     def step(self, batches: Any) -> None:
-        engine = self.model
+        engine, counter = self.model, self.ctx.counter
         self.ctx.python_gradient_reductions = True
         try:
             for batch in batches:
                 engine.backward(self._loss(batch))  # type: ignore[operator]
                 engine.step()  # type: ignore[operator]
+                counter.end_micro_step()
         finally:
             self.ctx.python_gradient_reductions = False
 
-    def close(self) -> None:
-        with contextlib.suppress(AttributeError):
-            self.model.destroy()  # type: ignore[operator]
-        super().close()
+
+class DeepSpeedZero2(DeepSpeedZero0):
+    key, letter, title = "deepspeed_zero2", "q", "DeepSpeed ZeRO 2 gradient accumulation"
+    stage, opt_in = 2, True
 
 
-class DistaccumDeepSpeed(Distaccum):
+class DeepSpeedZero3(DeepSpeedZero0):
+    key, letter, title = "deepspeed_zero3", "s", "DeepSpeed ZeRO 3 gradient accumulation"
+    stage, opt_in = 3, True
+
+
+class DistaccumDeepSpeed(_ZeroParameters, Distaccum):
     key, letter, title = "distaccum_deepspeed", "h", "distaccum over DeepSpeed ZeRO 0"
+    mark_micro_steps = True
 
     def __init__(self, ctx: Context) -> None:
         from distaccum import Accumulator, BatchPlan
@@ -284,8 +252,7 @@ class DistaccumDeepSpeed(Distaccum):
         Method.__init__(self, ctx)
         plan = BatchPlan(micro_batch_size=ctx.micro_batch_size, accum_steps=ctx.accum_steps)
         optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
-        config = {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0, "steps_per_print": 10**9}
-        self.model = initialize(self.model, optimizer, plan, config)
+        self.model = initialize(self.model, optimizer, plan, _zero_config(self.stage))
         self.acc = Accumulator(self.model, self.model.optimizer, plan)  # type: ignore[arg-type]
 
     def step(self, batches: Any) -> None:
@@ -295,30 +262,38 @@ class DistaccumDeepSpeed(Distaccum):
         finally:
             self.ctx.python_gradient_reductions = False
 
-    def close(self) -> None:
-        with contextlib.suppress(AttributeError):
-            self.model.destroy()  # type: ignore[operator]
-        super().close()
+
+class DistaccumZero2(DistaccumDeepSpeed):
+    key, letter, title = "distaccum_zero2", "r", "distaccum over DeepSpeed ZeRO 2"
+    stage, opt_in = 2, True
 
 
-METHODS: dict[str, type[Method]] = {
-    method.key: method
-    for method in (
-        SyncEveryMicroBatch,
-        HandWrittenNoSync,
-        HandWrittenNoSyncTwin,
-        Distaccum,
-        DistaccumItems,
-        HandWrittenNoSyncClip,
-        DistaccumClip,
-        AccelerateAccumulate,
-        DeepSpeedZero0,
-        DistaccumDeepSpeed,
-        RealBatch,
-    )
-}
+class DistaccumZero3(DistaccumDeepSpeed):
+    key, letter, title = "distaccum_zero3", "t", "distaccum over DeepSpeed ZeRO 3"
+    stage, opt_in = 3, True
+
+
+_ORDER: tuple[type[Method], ...] = (
+    SyncEveryMicroBatch,
+    HandWrittenNoSync,
+    HandWrittenNoSyncTwin,
+    Distaccum,
+    DistaccumItems,
+    HandWrittenNoSyncClip,
+    DistaccumClip,
+    AccelerateAccumulate,
+    DeepSpeedZero0,
+    DistaccumDeepSpeed,
+    RealBatch,
+    *SHARDED_METHODS,
+    DeepSpeedZero2,
+    DistaccumZero2,
+    DeepSpeedZero3,
+    DistaccumZero3,
+)
+METHODS: dict[str, type[Method]] = {method.key: method for method in _ORDER}
 """All methods: the issue's (a) to (g), (h) distaccum driving a DeepSpeed engine, the clipping pair (i) and (j),
-and (k) the A/A twin of (b)."""
+(k) the A/A twin of (b); opt-in: (l) to (p) FSDP2 and HSDP per ``grad_sync`` mode, (q) to (t) ZeRO 2 and 3."""
 
 
 def method_labels() -> dict[str, str]:

@@ -1,7 +1,6 @@
 """Turn the ranks' raw benchmark records into figures (:func:`summarize`) and a printable report.
 
-JSON keys of the ratios (``time_vs_no_sync``, ``cpu_vs_no_sync``, ``paired_vs_no_sync``, ``equal_work_pairs``,
-``noise_floor``) and of the update checks: :mod:`distaccum.tools.bench.report_ratios`.
+JSON keys of the ratios and update checks: :mod:`.report_ratios`; of peak memory against k: :mod:`.report_memory`.
 """
 
 from __future__ import annotations
@@ -10,17 +9,14 @@ import math
 import statistics
 from typing import Any
 
+from distaccum.tools.bench.counting import one_or_all, summarize_counts
 from distaccum.tools.bench.methods import METHODS, method_labels
+from distaccum.tools.bench.report_memory import format_memory, memory_rows
 from distaccum.tools.bench.report_ratios import BASELINE, format_ratios, paired_ratios, quantile
 from distaccum.tools.planner import DEFAULT_LATENCY_S, mode_traffic
 
 MIB = 1024 * 1024
 TARGETS = {"time_vs_no_sync": 1.01, "memory_virtual_vs_real_micro": 1.05}
-
-
-def _one_or_all(values: set[int]) -> int | list[int]:
-    ordered = sorted(values)
-    return ordered[0] if len(ordered) == 1 else ordered
 
 
 def _memory_index(memory_jobs: list[list[dict[str, Any]]]) -> dict[tuple[Any, ...], dict[str, Any]]:
@@ -66,9 +62,8 @@ def _summarize_case(ranks: list[dict[str, Any]], memory: dict[tuple[Any, ...], d
             "spread": (quantile(seconds, 0.75) - quantile(seconds, 0.25)) / median if median else 0.0,
             "cpu_seconds_per_step": cpu,
             "median_cpu_s": statistics.median(cpu) if cpu else None,
-            "gradient_reductions_per_step": _one_or_all({c for r in records for c in r["gradient_reductions"]}),
-            "other_collectives_per_step": _one_or_all({c for r in records for c in r["other_collectives"]}),
-            "all_reduce_bytes_per_step": _one_or_all({c for r in records for c in r.get("bytes", [])} or {0}),
+            **summarize_counts(records),
+            "all_reduce_bytes_per_step": one_or_all({c for r in records for c in r.get("bytes", [])} or {0}),
             "update_mismatch_vs_no_sync": records[0]["update_mismatch"][0],
             "update_reference": reference if reference in ranks[0]["methods"] else None,
             "update_mismatch_vs_reference": records[0].get("update_mismatch_vs_reference", [None])[0],
@@ -173,6 +168,7 @@ def summarize(
         "environment": environment,
         "models": models,
         "cases": cases,
+        "memory_by_accum_steps": memory_rows(memory, method_labels()),
         "memory_sweep": sweep,
         "targets": _targets(cases, sweep),
     }
@@ -274,6 +270,12 @@ def _counts(value: int | list[int]) -> str:
     return str(value) if isinstance(value, int) else "/".join(map(str, value))
 
 
+def _split(entry: dict[str, Any]) -> str:
+    """Reduce-scatters/all-reduces of the gradient per step ("-" in JSON written before they were counted apart)."""
+    parts = [entry.get(f"{kind}_per_step") for kind in ("reduce_scatters", "gradient_all_reduces")]
+    return "-" if None in parts else "/".join(_counts(part) for part in parts)  # type: ignore[arg-type]
+
+
 def format_report(results: dict[str, Any]) -> str:
     """The printed report: one table per case, the memory sweep, and the targets."""
     env = results["environment"]
@@ -288,7 +290,7 @@ def format_report(results: dict[str, Any]) -> str:
     ]
     header = (
         f"{'method':<47} {'s/step':>8} {'IQR':>5} {'vs (b)':>7} {'CPU s':>7} {'vs (b)':>7} {'grad red./step':>14} "
-        f"{'other coll.':>11} "
+        f"{'RS/AR':>7} {'other coll.':>11} "
         f"{memory_kind + '/rank':>18} {'vs (b)':>7} {'update vs ref':>13}"
     )
     for case in results["cases"]:
@@ -305,10 +307,12 @@ def format_report(results: dict[str, Any]) -> str:
                 f"{entry['label']:<47} {entry['median_s']:>8.4f} {entry['spread'] * 100:>4.0f}% "
                 f"{_fmt(entry['time_vs_no_sync'], '.3f'):>6}x {_fmt(entry['median_cpu_s'], '.4f'):>7} "
                 f"{_fmt(entry['cpu_vs_no_sync'], '.3f'):>6}x {_counts(entry['gradient_reductions_per_step']):>14} "
-                f"{_counts(entry['other_collectives_per_step']):>11} {_fmt(entry['peak_mib'], '.0f'):>18} "
-                f"{_fmt(entry['peak_vs_no_sync'], '.3f'):>7} {_update(case, entry):>13}{agree}"
+                f"{_split(entry):>7} {_counts(entry['other_collectives_per_step']):>11} "
+                f"{_fmt(entry['peak_mib'], '.0f'):>18} {_fmt(entry['peak_vs_no_sync'], '.3f'):>7} "
+                f"{_update(case, entry):>13}{agree}"
             )
         lines += format_ratios(case)
+    lines += format_memory(results.get("memory_by_accum_steps", []), memory_kind)
     if results["memory_sweep"]:
         lines += [
             "",

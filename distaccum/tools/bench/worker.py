@@ -72,6 +72,10 @@ class _BytesReduced:
         return self.all_reduce(tensor, *args, **kwargs)
 
 
+_COUNTS = ("gradient_reductions", "other_collectives", "reduce_scatters", "gradient_all_reduces", "all_gathers")
+"""What :class:`CommCounter` counted in each timed step, recorded per method and round."""
+
+
 def _flat(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.detach().to("cpu", torch.float64).flatten() for p in params])
 
@@ -85,8 +89,7 @@ def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context, reduced
     # Accelerate and DeepSpeed may change the thread count when they start; every method gets the same.
     torch.set_num_threads(spec["threads"])
     records: dict[str, dict[str, list[Any]]] = {
-        name: {"seconds": [], "cpu_seconds": [], "gradient_reductions": [], "other_collectives": [], "bytes": []}
-        for name in names
+        name: {key: [] for key in ("seconds", "cpu_seconds", "bytes", *_COUNTS, "by_micro_step")} for name in names
     }
     for round_index in range(spec["warmup"] + spec["rounds"]):
         batches = round_batches(
@@ -112,8 +115,9 @@ def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context, reduced
             if round_index >= spec["warmup"]:
                 records[name]["seconds"].append(elapsed)
                 records[name]["cpu_seconds"].append(cpu)
-                records[name]["gradient_reductions"].append(ctx.counter.gradient_reductions)
-                records[name]["other_collectives"].append(ctx.counter.other_collectives)
+                for key in _COUNTS:
+                    records[name][key].append(getattr(ctx.counter, key))
+                records[name]["by_micro_step"].append(ctx.counter.by_micro_step)
                 records[name]["bytes"].append(reduced.bytes)
     # Same seed, same data, same number of steps: every method should have made the same update as (b).
     torch.manual_seed(ctx.seed)
