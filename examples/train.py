@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> None:
             )
 
     if args.save is not None:
-        with gathered(model):  # ZeRO 3 holds a shard of each parameter per rank: gathered on every rank for the read
+        with gathered(model, acc.backend):  # ZeRO 3 holds a shard of each parameter per rank: gathered on every rank
             weights = {name: value.detach().cpu() for name, value in checkpoint.unwrap(model).state_dict().items()}
         if dist.rank() == 0:
             args.save.parent.mkdir(parents=True, exist_ok=True)
@@ -113,9 +113,9 @@ def main(args: argparse.Namespace) -> None:
             dist.print0(f"saved weights to {args.save}")
 
 
-def gathered(model: nn.Module) -> contextlib.AbstractContextManager[object]:
+def gathered(model: nn.Module, backend: str) -> contextlib.AbstractContextManager[object]:
     """Whole parameters inside, for a DeepSpeed engine (collective); nothing to do for other models."""
-    if type(model).__name__ != "DeepSpeedEngine":
+    if backend != "deepspeed":
         return contextlib.nullcontext()
     import deepspeed
 

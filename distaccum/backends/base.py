@@ -86,8 +86,6 @@ class Backend:
     engine its own files (DeepSpeed's ``save_checkpoint``)."""
     replicated: ClassVar[bool] = True
     """True when every rank holds the same whole reduced gradient (a local non-finite check is a global one)."""
-    checkpoint_refusal: ClassVar[str | None] = None
-    """Why :mod:`distaccum.checkpoint` cannot save this wrapper, and what to use instead (None: it can)."""
     default_grad_sync: ClassVar[GradSync] = "boundary"
     """What ``Accumulator(grad_sync=None)`` means on this wrapper."""
 
