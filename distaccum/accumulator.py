@@ -147,21 +147,10 @@ class Accumulator(AccumulatorState):
         Raises:
             RuntimeError: nested ``micro_step``, or the block ended without :meth:`backward`.
         """
-        if self._in_micro_step:
-            raise RuntimeError(
-                "acc.micro_step() is already active: micro-steps do not nest. Close the first `with` block before "
-                "opening the next (one micro-batch per micro_step)."
-            )
-        if self._broken:
-            raise RuntimeError(self._broken)
-        if self._auto and not self._splitting:
-            raise RuntimeError("auto_micro_batch=True: run the micro-steps over acc.split(batch), which retries them")
-        if not self._agreed and self.check_ranks:
-            self._check_agreement()
+        if self._in_micro_step or self._broken or self._auto or not self._agreed:  # else nothing to check: 1 test
+            self._check_opening()
         position = self._window.position
-        if not position and not self._micro_steps_run:  # the run's first micro-step
-            warn_if_stale(params_of(self.optimizer))
-        boundary = last or self._end_of_data or position + 1 >= self._plans.plan.accum_steps
+        boundary = last or self._end_of_data or position + 1 >= self._window.accum_steps  # the plan's, kept by _use
         self._end_of_data = False
         self._micro_steps_run += 1
         self._in_micro_step = True
@@ -226,10 +215,9 @@ class Accumulator(AccumulatorState):
             # rank, instead of mismatching collectives later) and seed the items-per-micro-step estimate.
             window.agree_on_items(*collectives.agree_on_item_mode(count))
         loss, scale = window.record(loss, count)
-        scaled = loss * scale
         if self.grad_scaler is not None:
-            scaled = self.grad_scaler.scale(scaled)
-        (self._fp32 or self._backend).backward(scaled)  # the fp32 window folds bf16/fp16 gradients into its sums
+            loss = self.grad_scaler.scale(loss)
+        (self._fp32 or self._backend).backward(loss, scale)  # the fp32 window folds bf16/fp16 gradients into its sums
         self._backward_done = True
         if window.noise is not None and window.position == 0 and not self._boundary_now:
             loss_scale = scale * (self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0)
@@ -308,6 +296,22 @@ class Accumulator(AccumulatorState):
         of ``plan.micro_batch_size``, one per ``acc.micro_step()``; the last ends the window. With ``auto_micro_batch``
         a window where some rank ran out of memory is yielded again, smaller."""
         return resize.split(self, batch)
+
+    def _check_opening(self) -> None:  # micro_step's rare cases: misuse, auto_micro_batch, a run's first micro-step
+        if self._in_micro_step:
+            raise RuntimeError(
+                "acc.micro_step() is already active: micro-steps do not nest. Close the first `with` block before "
+                "opening the next (one micro-batch per micro_step)."
+            )
+        if self._broken:
+            raise RuntimeError(self._broken)
+        if self._auto and not self._splitting:
+            raise RuntimeError("auto_micro_batch=True: run the micro-steps over acc.split(batch), which retries them")
+        if not self._agreed and self.check_ranks:
+            self._check_agreement()
+        self._agreed = True  # check_ranks=False: nothing to agree on until a load_state_dict
+        if not self._window.position and not self._micro_steps_run:  # the run's first micro-step
+            warn_if_stale(params_of(self.optimizer))
 
     def _check_agreement(self) -> None:
         self._agreed = True

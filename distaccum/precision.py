@@ -201,8 +201,8 @@ class Fp32Window:
             )
         return cls(backend, optimizer, window)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """The backend's backward; from the window's second micro-step on, the hooks fold into the sums."""
+    def backward(self, loss: torch.Tensor, weight: float) -> None:
+        """The backend's backward of ``weight * loss``; from a window's 2nd micro-step on, hooks fold into sums."""
         if self.window.position == 0:
             self.sums.clear()  # left by a window that did not step
             self._collecting = False
@@ -213,7 +213,7 @@ class Fp32Window:
                 self._absorb_due = False
             self._collecting = True
         try:
-            self.backend.backward(loss)
+            self.backend.backward(loss, weight)
         finally:
             self._collecting = False
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from distaccum.backends.sync import GradSync
+from distaccum.backends.tensors import SeededBackward, by_kind, grads_of, read_is_a_sync
 
 Params = list[torch.Tensor]
 _NOTHING = contextlib.nullcontext()  # reusable: entered on every micro-step of a plain model
@@ -29,11 +30,6 @@ def params_of(optimizer: torch.optim.Optimizer) -> Params:
     """The optimizer's parameters as they are now: read at every use, so a group added with
     ``add_param_group`` after the accumulator was built is scaled, clipped and checkpointed too."""
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients that exist."""
-    return [p.grad for p in params if p.grad is not None]
 
 
 def warn_if_stale(params: Iterable[torch.Tensor]) -> None:
@@ -94,6 +90,7 @@ class Backend:
         self.world_size = world_size
         self.grad_sync: GradSync = self.default_grad_sync  # when backward reduces (backends.sync.choose)
         self._checks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # check_and_scale's flag and 1.0
+        self._seeded = SeededBackward()
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -130,9 +127,9 @@ class Backend:
         """Whether backward reduces inside the window too (``"every"``, or ``"sharded"`` on FSDP)."""
         return False
 
-    def window_sync(self) -> contextlib.AbstractContextManager[None]:
-        """Context of a micro-step inside the window (not its boundary) under :attr:`grad_sync`."""
-        return self.no_sync()
+    def window_sync(self) -> contextlib.AbstractContextManager[None] | None:
+        """Context of a micro-step inside the window (not its boundary) under :attr:`grad_sync` (None: nothing)."""
+        return None if (context := self.no_sync()) is _NOTHING else context
 
     def boundary_sync(self) -> contextlib.AbstractContextManager[None] | None:
         """Context of the boundary micro-step, whose backward reduces (None: nothing to set)."""
@@ -145,9 +142,9 @@ class Backend:
     def before_sync(self) -> None:
         """Called before each micro-step whose backward reduces the gradients (the boundary)."""
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of the already window-scaled loss."""
-        loss.backward()
+    def backward(self, loss: torch.Tensor, weight: float) -> None:
+        """Backward of ``weight * loss`` (the window's weight as the seed: :mod:`distaccum.backends.seed`)."""
+        self._seeded(loss, weight)
 
     def scale_grads(self, params: Params, factor: float) -> None:
         """Multiply every gradient by ``factor`` in place (already reduced gradients)."""
@@ -167,13 +164,15 @@ class Backend:
     def early_nonfinite(self, params: Params) -> float | torch.Tensor | None:
         """Whether the reduced gradient holds a NaN/inf (nonzero) or not, known before the boundary's all-reduce,
         which then makes it one decision for every rank; None: checked later, at the step, in the multiply that
-        applies the window factor (gradients every rank holds whole, :attr:`replicated`).
+        applies the window factor (gradients every rank holds whole, :attr:`replicated`, on the CPU).
 
-        Ranks holding different parts read theirs here (a flag on their device, read with the all-reduce)."""
-        if self.replicated:
+        Ranks holding different parts read theirs here (a flag on their device, read with the all-reduce), and so do
+        whole gradients on an accelerator, where the step's read of a fused flag would be a second host sync."""
+        existing = grads_of(params)
+        if self.replicated and not (existing and read_is_a_sync(existing[0])):
             return None
         found: torch.Tensor | None = None
-        for grads in _groups(grads_of(params)):
+        for grads in by_kind(existing):
             local = [getattr(g, "_local_tensor", g) for g in grads]  # a DTensor shard: its own elements
             flag = torch.stack(torch._foreach_norm(local, math.inf)).sum().isfinite().logical_not()
             found = flag if found is None else found | flag.to(found.device)
@@ -183,7 +182,7 @@ class Backend:
         """Multiply the (replicated) reduced gradients by ``factor`` and say whether any was NaN/inf, in one fused
         pass per device and dtype (GradScaler's kernel), so the non-finite check costs no pass of its own."""
         found_any = False
-        for grads in _groups(grads_of(params)):
+        for grads in by_kind(grads_of(params)):
             device = grads[0].device
             if grads[0].dtype == torch.float64 and float(torch.tensor(factor, dtype=torch.float32)) != factor:
                 torch._foreach_mul_(grads, factor)  # the kernel's fp32 factor would round a float64 gradient
@@ -326,13 +325,6 @@ class StepWindow:
     """Compute the global gradient norm (clipping, ``report_grad_norm``, the noise scale); it decides non-finite."""
     nonfinite: bool | None = None
     """Some rank saw a NaN/inf in its part before the boundary's all-reduce (None: not checked there)."""
-
-
-def _groups(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for grad in grads:
-        by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
-    return list(by_kind.values())
 
 
 def _found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> dict[torch.device, torch.Tensor]:

@@ -87,7 +87,7 @@ class DDPBackend(Backend):
         hook = self.hook
         if hook is not None and hook.checked:  # the boundary reduction checked it already, on every rank alike
             return hook.take_flag()
-        return None
+        return super().early_nonfinite(params)  # the user's own hook: on an accelerator, checked here all the same
 
     def step(
         self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, window: StepWindow

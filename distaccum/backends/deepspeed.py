@@ -181,10 +181,10 @@ class DeepSpeedBackend(Backend):
         # backward, the one moment DeepSpeed reads it.
         return self._no_sync()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """``engine.backward`` of an already window-scaled loss: DeepSpeed must not divide it again."""
+    def backward(self, loss: torch.Tensor, weight: float) -> None:
+        """``engine.backward`` of the window-weighted loss: DeepSpeed must not divide it again (nor be seeded)."""
         self.engine.set_gradient_accumulation_boundary(not self._in_no_sync)
-        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.backward(loss * weight if weight != 1.0 else loss, scale_wrt_gas=False)
 
     def scale_grads(self, params: Params, factor: float) -> None:
         """Multiply the window's reduced gradient by ``factor`` (applied in place, or inside the next step).
@@ -259,6 +259,9 @@ class DeepSpeedBackend(Backend):
                 f'max_grad_norm={as_arg} to the Accumulator, or set "gradient_clipping": {wanted:g} in the config '
                 "(0.0 = no clipping; DeepSpeed's silent default is 1.0)."
             )
+
+    def early_nonfinite(self, params: Params) -> None:
+        return None  # the engine checks its own overflow inside engine.step()
 
     def step(
         self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, window: StepWindow

@@ -469,3 +469,25 @@ def test_a_wrapper_whose_no_sync_fails_to_enter_leaves_the_accumulator_usable():
     with acc.micro_step():  # the window's boundary: the failed micro-step counted, and the window is discarded
         acc.backward(loss_fn(model(x[0, MICRO:]), y[0, MICRO:]))
     assert acc.last_step.skipped and acc.optimizer_steps == 1
+
+
+@pytest.fixture
+def accelerator_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Gradients answer as on a GPU, where a host read is a sync: the NaN/inf check runs before the boundary's one
+    read (its flag rides on it) instead of inside the step's fused multiply, whose calls are counted here."""
+    from distaccum.backends import base
+
+    fused: list[int] = []
+    check_and_scale = base.Backend.check_and_scale
+    monkeypatch.setattr(base, "read_is_a_sync", lambda tensor: True)
+    monkeypatch.setattr(
+        base.Backend, "check_and_scale", lambda self, *args: fused.append(1) or check_and_scale(self, *args)
+    )
+    return fused
+
+
+def test_on_an_accelerator_the_nonfinite_check_rides_on_the_boundary_read(accelerator_reads):
+    test_a_nan_gradient_with_a_finite_loss_is_caught_in_the_weighting_multiply(torch.float32)
+    test_flushed_short_window_equals_real_batch_of_what_it_saw()  # a short window: factor 2, applied on its own
+    test_nonfinite_gradient_raises_when_asked(False)
+    assert accelerator_reads == []  # no fused check (on a GPU, no second read) in any of them

@@ -118,3 +118,43 @@ def test_hand_reduction_buckets_keep_order_dtype_and_the_cap():
     assert [[g.numel() for g in run] for run in runs] == [[10, 10], [30], [4], [5]]
     assert [g for run in runs for g in run] == grads
     assert buckets([], 80) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_weight_as_the_backward_seed_gives_the_gradients_of_the_multiply_bit_for_bit(dtype):
+    from distaccum.backends.tensors import SeededBackward
+
+    seeded = SeededBackward()
+
+    def gradients(weight: float, seed: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).to(dtype)
+        loss = model(torch.randn(6, 5, dtype=dtype)).square().mean()
+        if seed:
+            seeded(loss, weight)
+        else:
+            (loss * weight).backward()
+        return [p.grad for p in model.parameters()]
+
+    seeds = []
+    for weight in (1 / 3, 1 / 3, 0.1, 1.0, 0.0, 7 / 9):
+        assert all(torch.equal(a, b) for a, b in zip(gradients(weight, True), gradients(weight, False), strict=True)), (
+            weight
+        )
+        seeds.append(seeded._seeds[(torch.device("cpu"), dtype)][1])
+    assert seeds[0] is seeds[1]  # the same value reuses its seed ...
+    assert seeds[0] is not seeds[2]  # ... and a new value gets a new one: a seed is never rewritten
+    assert float(seeds[0]) == torch.tensor(1 / 3, dtype=dtype).item()
+
+
+def test_a_loss_of_a_tensor_subclass_is_multiplied_not_seeded():
+    from distaccum.backends.tensors import SeededBackward
+
+    class Tagged(torch.Tensor):  # what a DTensor loss (loss-parallel TP) is to the seed: not a plain tensor
+        pass
+
+    weight = torch.ones(3, requires_grad=True)
+    loss = (weight * 2.0).sum().as_subclass(Tagged)
+    seeded = SeededBackward()
+    seeded(loss, 0.25)
+    assert torch.equal(weight.grad, torch.full((3,), 0.5)) and not seeded._seeds

@@ -57,7 +57,9 @@ _TABLE = {  # name -> (label, the hand loop doing the same work: the variant's o
     "hand_twin": ("hand loop again (A/A: the noise floor)", "hand"),
     "hand_items": ("hand loop weighting by items: loss * (n / N_window)", None),
     "hand_clip": ("hand loop, clip_grad_norm_ before the step", None),
+    "hand_seeded": ("hand loop seeding its backward: loss.backward(tensor(1 / k)), as distaccum does", None),
     "distaccum": ("distaccum", "hand"),
+    "distaccum_vs_seeded": ("distaccum again (against the seeded hand loop: its bookkeeping alone)", "hand_seeded"),
     "distaccum_items": ("distaccum, num_items", "hand_items"),
     "distaccum_clip": ("distaccum, max_grad_norm", "hand_clip"),
     "distaccum_no_check": ("distaccum, check_ranks=False", "hand"),
@@ -186,6 +188,14 @@ def _variant(name: str, accum_steps: int, seed: int, device: str = "cpu") -> tup
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    seed = torch.full((), 1.0 / k, device=device)
+
+    def hand_seeded(i: int, x: Tensor, y: Tensor, items: int, window_items: int) -> None:
+        F.mse_loss(model(x), y).backward(seed)  # the gradient of loss / k, bit for bit, without the division's node
+        if (i + 1) % k == 0:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
     def hand_clip(i: int, x: Tensor, y: Tensor, items: int, window_items: int) -> None:
         (F.mse_loss(model(x), y) / k).backward()
         if (i + 1) % k == 0:
@@ -193,7 +203,8 @@ def _variant(name: str, accum_steps: int, seed: int, device: str = "cpu") -> tup
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    return model, {"hand": hand, "hand_twin": hand, "hand_items": hand_items, "hand_clip": hand_clip}[name]
+    loops = {"hand": hand, "hand_twin": hand, "hand_items": hand_items, "hand_clip": hand_clip}
+    return model, (loops | {"hand_seeded": hand_seeded})[name]
 
 
 def _time_pass(step: Step, data: list[MicroBatch], accum_steps: int, device: str = "cpu") -> tuple[int, int, int, int]:
