@@ -90,6 +90,7 @@ class Backend:
         self.world_size = world_size
         self.grad_sync: GradSync = self.default_grad_sync  # when backward reduces (backends.sync.choose)
         self._checks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # check_and_scale's flag and 1.0
+        self._clean: set[torch.device] = set()  # devices whose flag was last read as 0
         self._seeded = SeededBackward()
 
     @classmethod
@@ -192,6 +193,8 @@ class Backend:
             found, multiplier = self._check_buffers(device, factor_here)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, multiplier)
             found_any = found_any or bool(found.item())
+            if not found_any:
+                self._clean.add(device)  # read as 0: the next check needs no zero_() first
         return found_any
 
     def _check_buffers(self, device: torch.device, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +202,9 @@ class Backend:
         if device not in self._checks:
             self._checks[device] = torch.zeros(1, device=device), torch.ones(1, device=device)
         found, one = self._checks[device]
-        found.zero_()
+        if device not in self._clean:  # set, or not read after the kernel (a raise in between): zero it
+            found.zero_()
+        self._clean.discard(device)
         return found, one if factor == 1.0 else torch.full((1,), factor, dtype=torch.float32, device=device)
 
     def reduce_pending(self, params: Params) -> None:

@@ -14,20 +14,18 @@ How the Accumulator drives the engine (ZeRO stages 0 to 3; fp32, or fp16/bf16 at
   ``distaccum bench``), so they pay one reduction per micro-batch. ``engine.no_sync()`` is not used: it refuses
   ZeRO 2 and 3.
 * **ZeRO 3** all-gathers the parameters in every forward, so every rank must run the same number of micro-steps:
-  :meth:`~distaccum.Accumulator.iterate` (uneven data, :mod:`distaccum.uneven`) cuts the window where the first rank
-  runs out to what every rank has (the exact mean of the samples trained on); a hand-written loop must end its
-  windows together (``last=True`` on every rank), as ZeRO 2's reduce-scatter already requires.
+  :meth:`~distaccum.Accumulator.iterate` cuts the window where the first rank runs out to what every rank has; a
+  hand-written loop must end its windows together (``last=True`` on every rank), as ZeRO 2 already requires.
 * **One loss scaling.** The accumulator multiplies each micro-batch loss by ``1/accum_steps`` (or by its item
   weight), so the engine is called as ``engine.backward(loss, scale_wrt_gas=False)``: DeepSpeed's own division
-  by ``gradient_accumulation_steps`` is off, and only its fp16 loss scale (if any) is applied on top. A loss
-  divided twice would make every step ``accum_steps`` times too small; ``tests/integrations/test_deepspeed.py`` pins the
-  gradient norm against the real batch to catch that.
+  by ``gradient_accumulation_steps`` is off, and only its fp16 loss scale (if any) is applied on top (a loss
+  divided twice would make every step ``accum_steps`` times too small: the tests pin the norm to the real batch).
 * **Boundary correction** (short windows, and ``num_items`` exact weighting: the engine computes one factor
   ``f`` after the boundary backward, see :mod:`distaccum.weighting`). Where the reduced gradient lives decides
   how ``f`` is applied:
 
   - ZeRO 0 with a torch optimizer: the averaged gradients are in ``param.grad``; they are multiplied in place
-    before ``engine.step()``, which then clips them (``gradient_clipping``) and steps.
+    (in the pass that checks them for NaN/inf, unless a norm is computed) before ``engine.step()``.
   - ZeRO 1, 2 and 3: the reduced gradients live in the ZeRO optimizer's private partition buffers (flat, padded,
     and laid out differently with CPU offload or an fp32 accumulation buffer). Rather than reach into them,
     the factor goes through DeepSpeed's own unscale path: for the duration of ``engine.step()`` the optimizer's
@@ -44,9 +42,7 @@ How the Accumulator drives the engine (ZeRO stages 0 to 3; fp32, or fp16/bf16 at
   accumulator's ``max_grad_norm`` must agree with it (None for 0.0), checked at the first step.
 * **End of data mid-window** (``acc.flush()``): at ZeRO 0 to 2 every rank runs one boundary backward of a zero
   loss that touches every parameter, which sends the accumulated gradients through DeepSpeed's normal boundary
-  reduction (all-reduce, or the last reduce-scatter of ZeRO 2) without changing them. ZeRO 3's partitioned
-  parameters cannot be touched outside a forward, and need not be: every backward already reduce-scattered its
-  gradients into the partitions, so the optimizer only finalizes the boundary (its optimizer offload copy).
+  reduction unchanged. ZeRO 3 reduce-scattered every backward already: its optimizer only finalizes the boundary.
 """
 
 from __future__ import annotations
@@ -105,10 +101,12 @@ class DeepSpeedBackend(Backend):
     def __init__(self, model: nn.Module, world_size: int) -> None:
         super().__init__(model, world_size)
         self.engine: Any = model
+        engine: Any = model
         self._in_no_sync = False
         self._factor = 1.0
         self._clipping_checked = False
         self._check_engine()
+        self.stage = int(engine.zero_optimization_stage())  # the engine's ZeRO stage
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -159,11 +157,6 @@ class DeepSpeedBackend(Backend):
             )
 
     @property
-    def stage(self) -> int:
-        """The engine's ZeRO stage."""
-        return int(self.engine.zero_optimization_stage())
-
-    @property
     def averaging_ranks(self) -> int:
         return int(self.engine.dp_world_size)
 
@@ -177,8 +170,7 @@ class DeepSpeedBackend(Backend):
             self._in_no_sync = previous
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
-        # Only marks the window; the engine learns it from set_gradient_accumulation_boundary() right before each
-        # backward, the one moment DeepSpeed reads it.
+        # Only marks the window: backward() tells the engine, with set_gradient_accumulation_boundary().
         return self._no_sync()
 
     def backward(self, loss: torch.Tensor, weight: float) -> None:
@@ -195,19 +187,22 @@ class DeepSpeedBackend(Backend):
         if factor == 1.0:
             return
         if self.stage == 0:
-            # fp16/bf16 at stage 0 is refused at construction (unsupported()); another wrapper would land here.
-            if not isinstance(self.engine.optimizer, torch.optim.Optimizer):
-                raise ValueError(
-                    f"this window needs its gradient multiplied by {factor:g} (a short window or num_items "
-                    f"weighting), but DeepSpeed ZeRO stage 0 keeps it inside {type(self.engine.optimizer).__name__}, "
-                    "which distaccum cannot scale exactly. Use ZeRO stage 1 or 2 with fp16/bf16, or fp32 at stage 0."
-                )
+            self._check_scalable(factor)
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, factor)
             return
         # ZeRO 1 to 3: applied through the loss scale during step (see the module docstring).
         self._factor *= factor
+
+    def _check_scalable(self, factor: float) -> None:
+        # fp16/bf16 at stage 0 is refused at construction (unsupported()); another wrapper would land here.
+        if factor != 1.0 and not isinstance(self.engine.optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"this window needs its gradient multiplied by {factor:g} (a short window or num_items "
+                f"weighting), but DeepSpeed ZeRO stage 0 keeps it inside {type(self.engine.optimizer).__name__}, "
+                "which distaccum cannot scale exactly. Use ZeRO stage 1 or 2 with fp16/bf16, or fp32 at stage 0."
+            )
 
     def reduce_pending(self, params: Params) -> None:
         """Reduce what the ranks accumulated when the data ended mid-window: one boundary backward of zero (ZeRO 3:
@@ -260,8 +255,8 @@ class DeepSpeedBackend(Backend):
                 "(0.0 = no clipping; DeepSpeed's silent default is 1.0)."
             )
 
-    def early_nonfinite(self, params: Params) -> None:
-        return None  # the engine checks its own overflow inside engine.step()
+    def early_nonfinite(self, params: Params) -> None:  # step() checks (ZeRO 0), or the engine does (1 to 3)
+        return None
 
     def step(
         self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, window: StepWindow
@@ -274,7 +269,8 @@ class DeepSpeedBackend(Backend):
         if not self._clipping_checked:
             self.check_clipping(options.max_grad_norm)
             self._clipping_checked = True
-        if not window.skip:
+        fused = self.stage == 0 and not window.norm  # the factor rides on the NaN/inf check's pass below
+        if not window.skip and not fused:
             self.scale_grads(params, window.factor)
         engine = self.engine
         factor, self._factor = self._factor, 1.0
@@ -283,10 +279,16 @@ class DeepSpeedBackend(Backend):
             self._drop_gradients()
             return None, True
         if self.stage == 0:
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            if not math.isfinite(norm):
-                # Torch optimizers have no overflow check: stepping would write NaN into the weights.
+            # A torch optimizer steps NaN/inf into the weights: the norm checks, or the pass that applies the factor.
+            norm: float | None = None
+            if fused:
+                self._check_scalable(window.factor)
+                found = self.check_and_scale(list(engine.module.parameters()), window.factor)
+            else:
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                found = not math.isfinite(norm)
+            if found:
                 self._drop_gradients()
                 return norm, True
             engine.step()

@@ -57,3 +57,44 @@ def nan_gradient_with_finite_loss(rank: int, world_size: int, backend: str, user
         "hook_reductions": None if hook is None else hook.reductions,
         "comm_hooks": len(getattr(model, "_comm_hooks", [])),
     }
+
+
+def zero0_unclipped(rank: int, world_size: int) -> dict[str, Any]:
+    """DeepSpeed ZeRO 0 without clipping, so no norm is computed: the window factor (``num_items``, ragged) and the
+    NaN/inf check share one pass over ``param.grad``. Rank 1 poisons window 2; window 3 weights by items."""
+    import os
+
+    import deepspeed  # noqa: F401  (before the Accumulator picks its backend, as a user would)
+
+    from distaccum.integrations.deepspeed import initialize
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    plan = BatchPlan(micro_batch_size=MICRO, accum_steps=2)
+    config = {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0, "steps_per_print": 10**9}
+    model = make_model()
+    engine = initialize(model, make_optimizer("sgd", model.parameters()), plan, config)
+    acc = Accumulator(engine, engine.optimizer, plan)
+    inputs, targets = make_data(2 * WINDOWS * world_size, MICRO)
+    steps, weights = [], []
+    for window in range(WINDOWS):
+        for micro in range(2):
+            index = (window * 2 + micro) * world_size + rank
+            with acc.micro_step():
+                output = engine(inputs[index])
+                if window + 1 == WINDOWS:  # items: the first `items` samples of the micro-batch count
+                    items = ZERO0_ITEMS[index]
+                    loss = loss_fn(output[:items], targets[index][:items])
+                    acc.backward(loss, num_items=items * output.shape[1])
+                    continue
+                loss = loss_fn(output, targets[index])
+                if rank == 1 and window + 1 == POISONED and micro == 0:
+                    loss = poisoned_gradient(output, loss)
+                acc.backward(loss)
+        result = acc.last_step
+        steps.append({"skipped": result.skipped, "loss": result.loss, "grad_norm": result.grad_norm})
+        weights.append({name: value.detach().clone() for name, value in engine.module.state_dict().items()})
+    return {"steps": steps, "weights": weights}
+
+
+ZERO0_ITEMS = {8: 4, 9: 1, 10: 3, 11: 2}  # window 3's micro-batches (index: samples that count), ragged

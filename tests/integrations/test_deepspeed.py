@@ -381,6 +381,7 @@ def test_zero3_flush_under_offload_without_finalize_is_refused_with_the_way_out(
         optimizer=object(),
         set_gradient_accumulation_boundary=lambda is_boundary: None,
     )
+    backend.stage = 3  # what __init__ reads from the engine
     with pytest.raises(
         ValueError,
         match=r"offload copies the gradients only in a boundary backward.*acc\.micro_step\(last=True\) or acc\.iterate",
@@ -659,3 +660,29 @@ def test_train_example_under_launcher_equals_real_batch(tmp_path: Path, stage: i
     error = max_relative_error(torch.load(save), _train_reference())
     print(f"{launcher} ZeRO {stage}: max rel weight error vs real batch {error:.2e}")
     assert error <= TOLERANCE
+
+
+def test_zero0_without_clipping_checks_nan_and_weights_items_in_one_pass() -> None:
+    # No norm is computed (no clipping, none asked): the pass that applies the window factor checks for NaN/inf.
+    from tests.helpers import nonfinite_workers as workers
+
+    ranks = run_ranks(workers.zero0_unclipped, timeout_s=180)
+    for result in ranks:
+        assert [step["skipped"] for step in result["steps"]] == [False, True, False]
+        assert math.isfinite(result["steps"][1]["loss"]) and result["steps"][1]["grad_norm"] is None
+        assert all(torch.equal(result["weights"][0][k], v) for k, v in result["weights"][1].items())
+    # One process, the same samples: window 1 averaged, window 2 skipped, window 3 weighted by its items.
+    model = make_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    inputs, targets = make_data(2 * workers.WINDOWS * WORLD, workers.MICRO)
+    for indices in (range(0, 4), range(8, 12)):
+        optimizer.zero_grad()
+        if indices.start == 0:
+            loss = loss_fn(model(inputs[0:4].flatten(0, 1)), targets[0:4].flatten(0, 1))
+        else:
+            kept = [(inputs[i][: workers.ZERO0_ITEMS[i]], targets[i][: workers.ZERO0_ITEMS[i]]) for i in indices]
+            loss = loss_fn(model(torch.cat([x for x, _ in kept])), torch.cat([y for _, y in kept]))
+        loss.backward()
+        optimizer.step()
+    for result in ranks:
+        assert max_relative_error(result["weights"][-1], model.state_dict()) <= TOLERANCE

@@ -432,9 +432,12 @@ def test_gradients_left_before_the_first_micro_step_are_named_with_the_fix():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn(model(torch.randn(4, 8)), torch.randn(4, 4)).backward()  # e.g. a warm-up backward, never zeroed
     acc = Accumulator(model, optimizer, BatchPlan(micro_batch_size=4, accum_steps=2, world_size=1))
-    with pytest.warns(UserWarning, match=r"6 parameter\(s\) already hold a gradient.*zero_grad\(set_to_none=True\)"):
+    with pytest.warns(
+        UserWarning, match=r"6 parameter\(s\) already hold a gradient.*zero_grad\(set_to_none=True\)"
+    ) as seen:
         with acc.micro_step():
             acc.backward(loss_fn(model(torch.randn(4, 8)), torch.randn(4, 4)))
+    assert seen[0].filename == __file__  # the user's `with` line (it pointed past it, at sys:1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: later micro-steps hold the window's own gradients
         with acc.micro_step():

@@ -188,10 +188,12 @@ def _variant(name: str, accum_steps: int, seed: int, device: str = "cpu") -> tup
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    seed = torch.full((), 1.0 / k, device=device)
+    inverse_k = torch.full((), 1.0 / k, device=device)
 
     def hand_seeded(i: int, x: Tensor, y: Tensor, items: int, window_items: int) -> None:
-        F.mse_loss(model(x), y).backward(seed)  # the gradient of loss / k, bit for bit, without the division's node
+        F.mse_loss(model(x), y).backward(
+            inverse_k
+        )  # the gradient of loss / k, bit for bit, without the division's node
         if (i + 1) % k == 0:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
