@@ -14,7 +14,8 @@ from torch import nn
 
 from distaccum import backends, collectives, integrations, precision, resize, uneven
 from distaccum.backends import StepOptions, params_of
-from distaccum.backends.base import StepWindow, grads_of, warn_if_stale
+from distaccum.backends.base import StepWindow, grads_of
+from distaccum.backends.tensors import warn_if_stale
 from distaccum.batchnorm import BatchNormMode, BatchNormWindow
 from distaccum.noise import NoiseScale
 from distaccum.plan import BatchPlan
@@ -226,14 +227,17 @@ class Accumulator(AccumulatorState):
     def _finish_window(self, *, local: bool = False, reduced: bool = False) -> None:
         try:
             params = params_of(self.optimizer)
-            # Without a norm (which decides it then), a NaN/inf flag known now (from the reduction, or each shard's)
-            # rides on the all-reduce below, which makes it one decision; else the step's multiply checks.
+            # A NaN/inf flag known now (from the reduction, or each shard's), or the global norm (which decides it
+            # then) once the gradients are reduced, rides on the all-reduce below: one decision, one host read.
             early = None if local or self._norm else self._backend.early_nonfinite(params)
+            ready = self._norm and not local and self._fp32 is None and (reduced or not self._auto)
+            norm = self._backend.early_norm(params, self._options) if ready else None
             if local:  # a boundary that joined no reduction (see _abandon_micro_step): skipped, without collectives
-                window = self._window.close_locally()
+                window, shared = self._window.close_locally(), None
             else:
                 stats = self._window.local_stats(0.0 if early is None else early)
-                totals = collectives.sum_checking_step(stats, self.optimizer_steps)
+                totals = collectives.sum_checking_step(stats, self.optimizer_steps, shared=norm)
+                shared = totals.pop() if norm is not None else None
                 window = self._window.close(totals, self._backend.averaging_ranks)
             if window.retry:  # some rank ran out of memory: no step; split() runs the window again, smaller
                 (self._fp32 or self._backend).discard_grads(self.optimizer)
@@ -246,12 +250,8 @@ class Accumulator(AccumulatorState):
                 resize.reduce_window(self._backend, params, factor * window.before_reduction)
                 factor = 1.0
             number, nonfinite = self.optimizer_steps + 1, None if early is None else window.nonfinite
-            grad_norm, skipped = self._backend.step(
-                self.optimizer,
-                params,
-                self._options,
-                StepWindow(factor=factor, skip=window.skip, number=number, norm=self._norm, nonfinite=nonfinite),
-            )
+            steps = StepWindow(factor, window.skip, number, norm=self._norm, nonfinite=nonfinite, norm_value=shared)
+            grad_norm, skipped = self._backend.step(self.optimizer, params, self._options, steps)
             self.optimizer_steps += 1
             self.skipped_steps += int(skipped)
             self._use(self._plans.advance(window.micro_steps * self.plan.micro_batch_size, self.optimizer_steps))

@@ -113,16 +113,21 @@ def check_plan_agreement(plan: BatchPlan, micro_step: int, step: int, setup: dic
     )
 
 
-def sum_checking_step(values: Sequence[float | torch.Tensor], step: int) -> list[float]:
+def sum_checking_step(
+    values: Sequence[float | torch.Tensor], step: int, *, shared: float | torch.Tensor | None = None
+) -> list[float]:
     """:func:`sum_over_ranks` of ``values``, checking in the same all-reduce that every rank is at ``step``.
 
     Equal steps are the only ones whose sum ``s`` and sum of squares ``q`` over ``W`` ranks satisfy
     ``s**2 == W * q``, so two more scalars in the all-reduce the boundary makes anyway replace a collective.
+    ``shared``: a value every rank holds alike (the global gradient norm), read in the same all-reduce and appended
+    to the totals as it is (rank 0's copy: the other ranks add zero).
 
     Raises:
         RuntimeError: some rank is at another optimizer step (it skipped or repeated micro-steps).
     """
-    *totals, total, total_of_squares = sum_over_ranks([*values, float(step), float(step) ** 2])
+    extra = [] if shared is None else [shared if not active() or torch_dist.get_rank() == 0 else 0.0]
+    *totals, total, total_of_squares = sum_over_ranks([*values, *extra, float(step), float(step) ** 2])
     world = torch_dist.get_world_size() if active() else 1
     if total * total != world * total_of_squares:
         raise RuntimeError(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -30,18 +28,6 @@ def params_of(optimizer: torch.optim.Optimizer) -> Params:
     """The optimizer's parameters as they are now: read at every use, so a group added with
     ``add_param_group`` after the accumulator was built is scaled, clipped and checkpointed too."""
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def warn_if_stale(params: Iterable[torch.Tensor]) -> None:
-    """At a run's first micro-step: gradients already in ``param.grad`` would join the first window's sum."""
-    stale = len(grads_of(params))
-    if stale:
-        warnings.warn(
-            f"{stale} parameter(s) already hold a gradient at the first micro-step (a backward outside "
-            "acc.backward, or a loop that stepped without zero_grad): it would be added to the first window's "
-            "gradient. Call optimizer.zero_grad(set_to_none=True) before the first micro-step.",
-            stacklevel=4,
-        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +70,8 @@ class Backend:
     """True when every rank holds the same whole reduced gradient (a local non-finite check is a global one)."""
     default_grad_sync: ClassVar[GradSync] = "boundary"
     """What ``Accumulator(grad_sync=None)`` means on this wrapper."""
+    engine_steps: ClassVar[bool] = False
+    """The wrapper's engine checks for NaN/inf and clips in its own :meth:`step` (DeepSpeed): nothing before it."""
 
     def __init__(self, model: nn.Module, world_size: int) -> None:
         self.model = model
@@ -170,7 +158,7 @@ class Backend:
         Ranks holding different parts read theirs here (a flag on their device, read with the all-reduce), and so do
         whole gradients on an accelerator, where the step's read of a fused flag would be a second host sync."""
         existing = grads_of(params)
-        if self.replicated and not (existing and read_is_a_sync(existing[0])):
+        if self.engine_steps or (self.replicated and not (existing and read_is_a_sync(existing[0]))):
             return None
         found: torch.Tensor | None = None
         for grads in by_kind(existing):
@@ -178,6 +166,12 @@ class Backend:
             flag = torch.stack(torch._foreach_norm(local, math.inf)).sum().isfinite().logical_not()
             found = flag if found is None else found | flag.to(found.device)
         return 0.0 if found is None else found
+
+    def early_norm(self, params: Params, options: StepOptions) -> torch.Tensor | None:
+        """The global gradient norm, left on the device to be read with the boundary's scalars (one host read);
+        None: computed at the step (after an fp16 GradScaler unscales, or by the engine itself)."""
+        scaler = options.grad_scaler
+        return None if self.engine_steps or (scaler is not None and scaler.is_enabled()) else self.grad_norm(params)
 
     def check_and_scale(self, params: Params, factor: float) -> bool:
         """Multiply the (replicated) reduced gradients by ``factor`` and say whether any was NaN/inf, in one fused
@@ -283,7 +277,7 @@ class Backend:
         multiplier = window.factor
         if window.norm:
             # The norm is global (every backend reduces it over shards), so the decision is the same on every rank.
-            norm = float(self.grad_norm(params)) * window.factor
+            norm = (float(self.grad_norm(params)) if window.norm_value is None else window.norm_value) * window.factor
             found = not math.isfinite(norm)
             if options.max_grad_norm is not None and not found:  # torch's clip coefficient, on the true norm
                 multiplier *= min(1.0, options.max_grad_norm / (norm + 1e-6))
@@ -330,6 +324,8 @@ class StepWindow:
     """Compute the global gradient norm (clipping, ``report_grad_norm``, the noise scale); it decides non-finite."""
     nonfinite: bool | None = None
     """Some rank saw a NaN/inf in its part before the boundary's all-reduce (None: not checked there)."""
+    norm_value: float | None = None
+    """The global norm before the factor, read with the boundary's scalars (None: not computed yet)."""
 
 
 def _found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> dict[torch.device, torch.Tensor]:

@@ -97,6 +97,7 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
     grads_in_params: ClassVar[bool] = False
     checkpoint_layout: ClassVar[Literal["replicated", "sharded", "engine"]] = "engine"
+    engine_steps: ClassVar[bool] = True  # step() checks NaN/inf (ZeRO 0), or the engine does (1 to 3)
 
     def __init__(self, model: nn.Module, world_size: int) -> None:
         super().__init__(model, world_size)
@@ -254,9 +255,6 @@ class DeepSpeedBackend(Backend):
                 f'max_grad_norm={as_arg} to the Accumulator, or set "gradient_clipping": {wanted:g} in the config '
                 "(0.0 = no clipping; DeepSpeed's silent default is 1.0)."
             )
-
-    def early_nonfinite(self, params: Params) -> None:  # step() checks (ZeRO 0), or the engine does (1 to 3)
-        return None
 
     def step(
         self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, window: StepWindow

@@ -13,6 +13,7 @@ no multiply, no fill and no node kernel.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -21,6 +22,18 @@ import torch
 def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients that exist."""
     return [p.grad for p in params if p.grad is not None]
+
+
+def warn_if_stale(params: Iterable[torch.Tensor]) -> None:
+    """At a run's first micro-step: gradients already in ``param.grad`` would join the first window's sum."""
+    stale = len(grads_of(params))
+    if stale:
+        warnings.warn(
+            f"{stale} parameter(s) already hold a gradient at the first micro-step (a backward outside "
+            "acc.backward, or a loop that stepped without zero_grad): it would be added to the first window's "
+            "gradient. Call optimizer.zero_grad(set_to_none=True) before the first micro-step.",
+            stacklevel=4,
+        )
 
 
 def by_kind(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -494,3 +494,23 @@ def test_on_an_accelerator_the_nonfinite_check_rides_on_the_boundary_read(accele
     test_flushed_short_window_equals_real_batch_of_what_it_saw()  # a short window: factor 2, applied on its own
     test_nonfinite_gradient_raises_when_asked(False)
     assert accelerator_reads == []  # no fused check (on a GPU, no second read) in any of them
+
+
+def test_with_clipping_the_norm_is_computed_once_and_read_with_the_window_scalars(monkeypatch):
+    # The norm is computed before the boundary's all-reduce and read with the window's scalars: on a GPU one host
+    # sync per step, not one for the scalars and one for the norm. Exactness: the clipping test, run through it.
+    from distaccum import collectives
+    from distaccum.backends.base import Backend
+
+    calls = []
+    grad_norm, read = Backend.grad_norm, collectives.sum_checking_step
+    monkeypatch.setattr(Backend, "grad_norm", lambda self, params: calls.append("norm") or grad_norm(self, params))
+    monkeypatch.setattr(
+        collectives,
+        "sum_checking_step",
+        lambda *args, **kwargs: (
+            calls.append("read with it" if kwargs.get("shared") is not None else "read") or read(*args, **kwargs)
+        ),
+    )
+    test_clipping_uses_the_whole_window_norm()
+    assert calls == ["norm", "read with it"] * 3
