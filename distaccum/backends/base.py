@@ -132,7 +132,7 @@ class Backend:
         """Called before each micro-step whose backward reduces the gradients (the boundary)."""
 
     def backward(self, loss: torch.Tensor, weight: float) -> None:
-        """Backward of ``weight * loss`` (the window's weight as the seed: :mod:`distaccum.backends.seed`)."""
+        """Backward of ``weight * loss`` (the window's weight as the seed: :mod:`distaccum.backends.tensors`)."""
         self._seeded(loss, weight)
 
     def scale_grads(self, params: Params, factor: float) -> None:
