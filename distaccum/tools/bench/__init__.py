@@ -15,9 +15,11 @@ How it measures (the design, and why):
 
 * **Time**: one job of ``--nproc`` long-lived ranks builds every method of a case, then runs
   ``--warmup`` + ``--rounds`` rounds; in each round every method does one optimizer step on the same
-  micro-batches, in an order that rotates every round, so machine drift (other jobs, thermal) hits all methods
-  alike. A step's time is the slowest rank's; the figure is the median over timed rounds, in wall time and in
-  the process's CPU time (the largest rank's; what the method costs whatever else the machine runs).
+  micro-batches, so machine drift (other jobs, thermal) hits all methods alike, in the order of a Williams design
+  (:mod:`distaccum.tools.bench.order`): each method runs after each other one equally often, since a method's time
+  depends on the one that ran before it. A step's time is the slowest rank's; the figure is the median over timed
+  rounds, in wall time and in the process's CPU time (the largest rank's; what the method costs whatever else
+  the machine runs).
 * **Ratios** (:mod:`distaccum.tools.bench.report_ratios`): each method against (b) and the equal-work pairs
   ((c)/(b), (g)/(b), (j)/(i)) as the median of per-round ratios (a round's drift cancels), with a bootstrap
   interval; (k)/(b), two identical loops, is the measured noise floor, and the report says whether the rounds

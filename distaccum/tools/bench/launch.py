@@ -21,6 +21,7 @@ from distaccum import dist
 from distaccum.tools.bench.config import SWEEP_METHODS, BenchConfig, allocator_environment, command_line
 from distaccum.tools.bench.models import model_spec
 from distaccum.tools.bench.netns import Node, two_nodes
+from distaccum.tools.bench.order import ORDER
 from distaccum.tools.bench.report import link_comparison, summarize
 
 
@@ -204,6 +205,7 @@ def run_benchmark(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "backend": dist.default_backend(),  # the ranks' own choice: $DISTACCUM_BACKEND=gloo shares one GPU
         "threads_per_rank": config.rank_threads,
+        "round_order": ORDER,
         "allocator_environment": allocator_environment(),
         "load_average_before": list(load_before),
         "load_average_after": list(os.getloadavg()),

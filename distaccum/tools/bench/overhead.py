@@ -3,14 +3,14 @@ the whole cost: ``nn.Linear(4, 4)``, micro-batch 4, SGD, one process, CPU (or ``
 thread. Example:
 ``distaccum bench --overhead --json examples/bench/overhead-cpu.json --table examples/bench/overhead-cpu.txt``.
 
-Every variant (:data:`VARIANTS`) has its own model and optimizer from the same seed and trains on the same
-precomputed micro-batches. A round runs each variant once over ``micro_steps`` micro-steps (rounded down to whole
-windows), the order rotating every round and reversed every other one. Each micro-step is timed alone,
-``time.process_time_ns`` (CPU) and ``time.perf_counter_ns`` (wall), summed apart over non-boundary and boundary
-micro-steps. Own cost: a variant's time minus that of the hand loop doing the same work (:data:`BASELINES`) in the
-same round, median and IQR over rounds; the hand loop's twin (A/A) is the noise floor. The cycle collector is off
-during a pass and runs after it, untimed, counting what it finds. Absolute times include two reads of each clock
-per micro-step; differences do not.
+Every variant (:data:`VARIANTS`) has its own model and optimizer from the same seed and trains on the same precomputed
+micro-batches. A round runs each variant once over ``micro_steps`` micro-steps (rounded down to whole windows), in the
+order of a Williams design (:mod:`.order`: each variant after each other one equally often). Each micro-step is timed
+alone, ``time.process_time_ns`` (CPU) and ``time.perf_counter_ns`` (wall), summed apart over non-boundary and boundary
+micro-steps. Own cost: a variant's time minus that of the hand loop doing the same work (:data:`BASELINES`) in the same
+round, median and IQR over rounds; the hand loop's twin (A/A) is the noise floor. The cycle collector is off during a
+pass and runs after it, untimed, counting what it finds. Absolute times include two reads of each clock per micro-step;
+differences do not.
 
 JSON keys (times in µs unless a key ends in ``ns``; *stats*: ``{"median", "p25", "p75", "iqr"}`` over rounds):
 
@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from distaccum.accumulator import Accumulator
 from distaccum.plan import BatchPlan
+from distaccum.tools.bench.order import round_order
 
 MICRO_BATCH_SIZE = 4
 LR = 1e-3
@@ -239,9 +240,7 @@ def _run_case(config: OverheadConfig, accum_steps: int) -> dict[str, Any]:
     raw: dict[str, dict[str, list[int]]] = {name: {key: [] for key in RAW_KEYS} for name in names}
     gc.collect()
     for round_index in range(config.warmup + config.rounds):
-        shift = round_index % len(names)
-        order = names[shift:] + names[:shift]  # every position in turn and, reversed, both neighbours
-        for name in order[:: -1 if round_index % 2 else 1]:
+        for name in round_order(names, round_index):
             times = _time_pass(built[name][1], data, accum_steps, config.device)
             found = gc.collect(0)  # the cycles this pass left, all young: the collector is off while it runs
             if round_index >= config.warmup:
@@ -308,7 +307,7 @@ def format_overhead(results: dict[str, Any]) -> str:
         f"{env['cpu_count']} CPUs; load average "
         f"{load}; wall {env['wall_s']:.0f} s",
         f"{config['rounds']} timed rounds after {config['warmup']} warm-up, each running every variant once on the "
-        "same micro-batches, order rotating; median [IQR] over rounds, µs of CPU time unless marked wall. Own: minus "
+        "same micro-batches, interleaved; median [IQR] over rounds, µs of CPU time unless marked wall. Own: minus "
         "the equal-work hand loop (vs), paired per round: per micro-step, per non-boundary, per boundary micro-step.",
     ]
     for case in results["cases"]:

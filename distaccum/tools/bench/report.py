@@ -11,6 +11,7 @@ from typing import Any
 
 from distaccum.tools.bench.counting import one_or_all, summarize_counts
 from distaccum.tools.bench.methods import METHODS, method_labels
+from distaccum.tools.bench.order import design_note
 from distaccum.tools.bench.report_memory import format_memory, memory_rows
 from distaccum.tools.bench.report_ratios import BASELINE, format_ratios, paired_ratios, quantile
 from distaccum.tools.planner import DEFAULT_LATENCY_S, mode_traffic
@@ -284,7 +285,7 @@ def format_report(results: dict[str, Any]) -> str:
     lines = [
         f"distaccum bench: {config['nproc']} ranks ({env['backend']}, {env['threads_per_rank']} thread(s)/rank), "
         f"torch {env['torch']}, accelerate {env['accelerate']}, deepspeed {env['deepspeed']}; "
-        f"{config['warmup']} warm-up + {config['rounds']} timed rounds, methods interleaved, order rotating",
+        f"{config['warmup']} warm-up + {config['rounds']} timed rounds, methods interleaved, {design_note(results)}",
         f"load average before/after: {env['load_average_before'][0]:.2f} / {env['load_average_after'][0]:.2f}; "
         f"wall {env['wall_seconds']:.0f} s",
     ]

@@ -3,8 +3,9 @@
 Two kinds of job, started by :mod:`distaccum.tools.bench.launch` with ``RANK``/``WORLD_SIZE``/``MASTER_*`` set:
 
 * ``time``: one long-lived group builds every method of a case, then runs rounds in which each method does
-  one optimizer step on the same micro-batches (the order rotates every round), so machine drift hits all
-  methods alike. Per step it records seconds, the collectives counted while it ran and the bytes all-reduced.
+  one optimizer step on the same micro-batches, so machine drift hits all methods alike; the order follows a
+  Williams design (:mod:`.order`), so each method runs after each other one equally often. Per step it records
+  seconds, the collectives counted while it ran and the bytes all-reduced.
 * ``memory``: a fresh group builds one method and runs a few steps; peak RSS of the process (or peak CUDA
   memory) is then that method's footprint, with nothing left over from other methods.
 """
@@ -27,6 +28,7 @@ from distaccum import dist
 from distaccum.tools.bench.counting import CommCounter, counting_collectives
 from distaccum.tools.bench.methods import METHODS, Context, Method
 from distaccum.tools.bench.models import model_spec, round_batches
+from distaccum.tools.bench.order import round_order
 
 
 def _sync_device(device: torch.device) -> None:
@@ -100,8 +102,7 @@ def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context, reduced
             micro_batch_size=ctx.micro_batch_size,
             accum_steps=ctx.accum_steps,
         )
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in round_order(names, round_index):
             method = methods[name]
             prepared = method.prepare(batches)
             torch_dist.barrier()
