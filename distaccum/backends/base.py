@@ -157,11 +157,14 @@ class Backend:
 
         Ranks holding different parts read theirs here (a flag on their device, read with the all-reduce), and so do
         whole gradients on an accelerator, where the step's read of a fused flag would be a second host sync."""
-        existing = grads_of(params)
-        if self.engine_steps or (self.replicated and not (existing and read_is_a_sync(existing[0]))):
+        if self.engine_steps:
             return None
+        if self.replicated:  # whole gradients: only an accelerator's need a read of their own here
+            first = next((p.grad for p in params if p.grad is not None), None)
+            if first is None or not read_is_a_sync(first):
+                return None
         found: torch.Tensor | None = None
-        for grads in by_kind(existing):
+        for grads in by_kind(grads_of(params)):
             local = [getattr(g, "_local_tensor", g) for g in grads]  # a DTensor shard: its own elements
             flag = torch.stack(torch._foreach_norm(local, math.inf)).sum().isfinite().logical_not()
             found = flag if found is None else found | flag.to(found.device)

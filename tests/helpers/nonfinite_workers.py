@@ -7,6 +7,7 @@ wrapper's reduction) into every gradient. Only a check of the gradient itself ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,20 +37,7 @@ def nan_gradient_with_finite_loss(rank: int, world_size: int, backend: str, user
     acc = Accumulator(
         model, make_optimizer("sgd", model.parameters()), BatchPlan(micro_batch_size=MICRO, accum_steps=2)
     )
-    inputs, targets = make_data(2 * WINDOWS * world_size, MICRO)
-    steps, weights = [], []
-    for window in range(WINDOWS):
-        for micro in range(2):
-            index = (window * 2 + micro) * world_size + rank
-            with acc.micro_step():
-                output = model(inputs[index])
-                loss = loss_fn(output, targets[index])
-                if rank == 1 and window + 1 == POISONED and micro == 0:
-                    loss = poisoned_gradient(output, loss)
-                acc.backward(loss)
-        result = acc.last_step
-        steps.append({"skipped": result.skipped, "loss": result.loss, "grad_norm": result.grad_norm})
-        weights.append(full_state(model))
+    steps, weights = _train(acc, model, rank, world_size, lambda: full_state(model))
     hook = getattr(model, "_distaccum_checked_average", None)
     return {
         "steps": steps,
@@ -75,17 +63,35 @@ def zero0_unclipped(rank: int, world_size: int) -> dict[str, Any]:
     model = make_model()
     engine = initialize(model, make_optimizer("sgd", model.parameters()), plan, config)
     acc = Accumulator(engine, engine.optimizer, plan)
+    state = engine.module.state_dict
+    steps, weights = _train(
+        acc, engine, rank, world_size, lambda: {name: value.detach().clone() for name, value in state().items()},
+        items=ZERO0_ITEMS,
+    )  # fmt: skip
+    return {"steps": steps, "weights": weights}
+
+
+def _train(
+    acc: Accumulator,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    rank: int,
+    world_size: int,
+    weights_of: Callable[[], dict[str, Any]],
+    items: dict[int, int] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """WINDOWS windows of 2 micro-steps; rank 1 poisons the first micro-step of window POISONED; with ``items``,
+    the last window counts the first ``items[index]`` samples of each micro-batch (``num_items``). Returns each
+    step's result and the weights after it."""
     inputs, targets = make_data(2 * WINDOWS * world_size, MICRO)
     steps, weights = [], []
     for window in range(WINDOWS):
         for micro in range(2):
             index = (window * 2 + micro) * world_size + rank
             with acc.micro_step():
-                output = engine(inputs[index])
-                if window + 1 == WINDOWS:  # items: the first `items` samples of the micro-batch count
-                    items = ZERO0_ITEMS[index]
-                    loss = loss_fn(output[:items], targets[index][:items])
-                    acc.backward(loss, num_items=items * output.shape[1])
+                output = forward(inputs[index])
+                if items is not None and window + 1 == WINDOWS:
+                    count = items[index]
+                    acc.backward(loss_fn(output[:count], targets[index][:count]), num_items=count * output.shape[1])
                     continue
                 loss = loss_fn(output, targets[index])
                 if rank == 1 and window + 1 == POISONED and micro == 0:
@@ -93,8 +99,8 @@ def zero0_unclipped(rank: int, world_size: int) -> dict[str, Any]:
                 acc.backward(loss)
         result = acc.last_step
         steps.append({"skipped": result.skipped, "loss": result.loss, "grad_norm": result.grad_norm})
-        weights.append({name: value.detach().clone() for name, value in engine.module.state_dict().items()})
-    return {"steps": steps, "weights": weights}
+        weights.append(weights_of())
+    return steps, weights
 
 
 ZERO0_ITEMS = {8: 4, 9: 1, 10: 3, 11: 2}  # window 3's micro-batches (index: samples that count), ragged
