@@ -20,8 +20,10 @@ from distaccum.tools.bench.report_ratios import format_ratios, paired_ratio, pai
 from distaccum.tools.bench.worker import _OneAtATime
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAIR_METHODS = ("no_sync", "no_sync_twin", "no_sync_clip", "distaccum", "distaccum_items", "distaccum_clip")
-PAIRS = ("distaccum/no_sync", "distaccum_items/no_sync", "distaccum_clip/no_sync_clip")
+FAIR_METHODS = (
+    "no_sync", "no_sync_twin", "no_sync_clip", "distaccum", "distaccum_items", "distaccum_clip", "no_sync_logged"
+)  # fmt: skip
+PAIRS = ("distaccum/no_sync", "distaccum_items/no_sync", "distaccum_clip/no_sync_clip", "distaccum/no_sync_logged")
 ROUNDS = 4
 pytestmark = pytest.mark.timeout(180)  # the 2-rank run takes ~20-30 s on 2 busy cores
 RATIO_KEYS = {"median", "p25", "p75", "low", "high", "half_width", "rounds"}
@@ -83,6 +85,16 @@ def test_the_clipping_pair_makes_the_same_update_and_really_clips(fair_run):
         for name in ("no_sync_twin", "distaccum", "distaccum_items"):  # equal micro-batches: (b)'s update
             assert methods[name]["update_reference"] == "no_sync"
             assert methods[name]["update_mismatch_vs_reference"] < 1e-4, name
+
+
+def test_the_logging_loop_makes_distaccums_one_scalar_collective_and_the_same_update(fair_run):
+    # (u) is (b) plus one all-reduce of its window loss per step: the collective distaccum's boundary makes.
+    for case in fair_run[0]["cases"]:
+        methods = case["methods"]
+        assert methods["no_sync_logged"]["other_collectives_per_step"] == 1
+        assert methods["distaccum"]["other_collectives_per_step"] == 1
+        assert methods["no_sync"]["other_collectives_per_step"] == 0
+        assert methods["no_sync_logged"]["update_mismatch_vs_no_sync"] == 0.0
 
 
 def test_the_twin_against_no_sync_is_the_noise_floor(fair_run):

@@ -4,7 +4,8 @@
 global gradient norm to :data:`MAX_NORM`, so that both compute that norm (an equal-work pair); (k) is a second,
 identical copy of the hand-written loop (b): its ratio to (b) is the benchmark's measured noise floor. Opt-in
 (``--methods``): (l) to (p), distaccum over FSDP2 and HSDP in each ``grad_sync`` mode (:mod:`.methods_sharded`), and
-(q) to (t), DeepSpeed ZeRO 2 and 3, through DeepSpeed's own accumulation and driven by distaccum.
+(q) to (t), DeepSpeed ZeRO 2 and 3, through DeepSpeed's own accumulation and driven by distaccum; (u), the loop (b)
+all-reducing its window loss as a loop that logs it does (distaccum's boundary makes that one collective too).
 
 Each method builds its own copy of the model from the same seed, takes the same micro-batches and does one
 optimizer step per :meth:`Method.step`. Communication is counted while it runs (:mod:`.counting`): gradient
@@ -19,6 +20,7 @@ import contextlib
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 
 from distaccum import dist
@@ -71,6 +73,26 @@ class HandWrittenNoSyncClip(SyncEveryMicroBatch):
             with self.model.no_sync() if index < last else contextlib.nullcontext():  # type: ignore[operator]
                 (self._loss(batch) / len(batches)).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class HandWrittenNoSyncLogged(SyncEveryMicroBatch):
+    # (b) plus what a loop that logs its global window loss adds: one scalar all-reduce and one read per step, as
+    # distaccum's boundary makes (window loss, items, checks). (c)/(u) is distaccum's cost beyond that collective.
+    key, letter, title = "no_sync_logged", "u", "DDP, no_sync loop, all-reducing its window loss"
+    opt_in = True
+
+    def step(self, batches: Any) -> None:
+        last = len(batches) - 1
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        for index, batch in enumerate(batches):
+            with self.model.no_sync() if index < last else contextlib.nullcontext():  # type: ignore[operator]
+                loss = self._loss(batch) / len(batches)
+                loss.backward()
+            total += loss.detach()
+        torch_dist.all_reduce(total)  # looked up now: the bench's counting wrapper sees it
+        self.logged = float(total) / self.ctx.world_size
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -285,6 +307,7 @@ _ORDER: tuple[type[Method], ...] = (
     DeepSpeedZero0,
     DistaccumDeepSpeed,
     RealBatch,
+    HandWrittenNoSyncLogged,
     *SHARDED_METHODS,
     DeepSpeedZero2,
     DistaccumZero2,
@@ -293,7 +316,8 @@ _ORDER: tuple[type[Method], ...] = (
 )
 METHODS: dict[str, type[Method]] = {method.key: method for method in _ORDER}
 """All methods: the issue's (a) to (g), (h) distaccum driving a DeepSpeed engine, the clipping pair (i) and (j),
-(k) the A/A twin of (b); opt-in: (l) to (p) FSDP2 and HSDP per ``grad_sync`` mode, (q) to (t) ZeRO 2 and 3."""
+(k) the A/A twin of (b); opt-in: (l) to (p) FSDP2 and HSDP per ``grad_sync`` mode, (q) to (t) ZeRO 2 and 3, (u) the
+loop (b) all-reducing its window loss."""
 
 
 def method_labels() -> dict[str, str]:

@@ -18,9 +18,10 @@ method has no times of that kind):
 
 * ``paired_vs_no_sync[name]``: ``{"wall": ratio, "cpu": ratio}`` of every method but (b) against (b), wall time
   (slowest rank) and process CPU time (largest rank);
-* ``equal_work_pairs["distaccum/no_sync"]``, ``["distaccum_items/no_sync"]``, ``["distaccum_clip/no_sync_clip"]``
-  (those whose two methods ran): ``{"method", "baseline", "wall": ratio, "cpu": ratio, "update_mismatch"}``, two
-  methods that do the same work, the last the weight difference between them relative to the baseline's update;
+* ``equal_work_pairs["distaccum/no_sync"]``, ``["distaccum_items/no_sync"]``, ``["distaccum_clip/no_sync_clip"]``,
+  ``["distaccum/no_sync_logged"]`` (those whose two methods ran): ``{"method", "baseline", "wall": ratio, "cpu":
+  ratio, "update_mismatch"}``, two methods that do the same work, the last the weight difference between them
+  relative to the baseline's update;
 * ``noise_floor``: ``{"method": "no_sync_twin", "baseline": "no_sync", "wall": ratio, "cpu": ratio,
   "resolution": 0.01, "resolves": bool}``, two identical loops (the A/A twin); ``resolves`` is true when the CPU
   ratio's median is within ``resolution`` of 1 and its ``half_width`` below it, i.e. when the rounds used resolve
@@ -37,7 +38,12 @@ from typing import Any
 
 BASELINE = "no_sync"
 """Every ratio of :func:`paired_ratios` but (j)/(i) is against (b), the hand-written ``no_sync`` loop."""
-EQUAL_WORK_PAIRS = (("distaccum", "no_sync"), ("distaccum_items", "no_sync"), ("distaccum_clip", "no_sync_clip"))
+EQUAL_WORK_PAIRS = (
+    ("distaccum", "no_sync"),
+    ("distaccum_items", "no_sync"),
+    ("distaccum_clip", "no_sync_clip"),
+    ("distaccum", "no_sync_logged"),
+)
 """(method, baseline): distaccum and the hand-written loop doing the same work."""
 TWIN = "no_sync_twin"
 RESOLUTION = 0.01
