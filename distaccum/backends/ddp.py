@@ -3,7 +3,8 @@
 The boundary's reduction goes through a comm hook of distaccum's (:class:`CheckedAverage`): it all-reduces each
 bucket as DDP's default does, then divides it by the world size and checks it for NaN/inf in one fused pass
 (GradScaler's kernel). The reduced gradient is the same on every rank, so this local check is a global one,
-and the non-finite guard costs no pass over the gradients of its own. The hook is registered at the first
+and the non-finite guard costs no pass beyond the hook's division (DDP without a hook divides for free while it
+fills its buckets, so against a plain DDP loop that pass is the guard's price). The hook is registered at the first
 boundary; a model that has a comm hook by then (the user's: compression, PowerSGD) keeps it, and the check is
 one read of the gradients at the step instead (DDP allows one hook per model: a script that registers its own
 after the first optimizer step gets torch's "can only be called once" error). DDP's Python reducer
