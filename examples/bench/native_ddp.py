@@ -23,6 +23,7 @@ import torch.distributed as td
 from torch import nn
 
 from distaccum import Accumulator, BatchPlan
+from distaccum.tools.bench.counting import CommCounter, counting_allreduce_hook
 from distaccum.tools.bench.models import model_spec, round_batches
 
 
@@ -37,9 +38,6 @@ def main() -> None:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(spec.build())
         return model, torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def divide_then_all_reduce(state, bucket):  # no annotations: DDP checks a hook's
-        return td.all_reduce(bucket.buffer().div_(world), async_op=True).get_future().then(lambda f: f.value()[0])
 
     def hand_loop(model: nn.Module, optimizer: torch.optim.Optimizer):  # type: ignore[no-untyped-def]
         def step(batches: list) -> None:
@@ -57,7 +55,7 @@ def main() -> None:
         return step
 
     (native, native_opt), (hooked, hooked_opt), (model, optimizer) = build(), build(), build()
-    hooked.register_comm_hook(None, divide_then_all_reduce)
+    hooked.register_comm_hook(None, counting_allreduce_hook(CommCounter(), td.all_reduce, world))  # the bench's
     acc = Accumulator(model, optimizer, BatchPlan(micro_batch_size=8, accum_steps=accum_steps))
 
     def with_distaccum(batches: list) -> None:
