@@ -5,23 +5,22 @@ step -> scheduler -> :class:`StepResult`. The window's arithmetic: :mod:`distacc
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
-from distaccum import backends, collectives, integrations, precision, resize, uneven
+from distaccum import backends, collectives, guards, integrations, precision, resize, uneven
 from distaccum.backends import StepOptions, params_of
 from distaccum.backends.base import StepWindow, grads_of
-from distaccum.backends.tensors import warn_if_stale
 from distaccum.batchnorm import BatchNormMode, BatchNormWindow
+from distaccum.micro_step import MicroStep
 from distaccum.noise import NoiseScale
 from distaccum.plan import BatchPlan
 from distaccum.schedule import BatchSchedule, PlanTracker
 from distaccum.state import AccumulatorState
-from distaccum.weighting import StepResult, WindowLedger, item_count
+from distaccum.weighting import StepResult, WindowClose, WindowLedger
 
 __all__ = ["Accumulator", "StepResult"]
 
@@ -94,6 +93,7 @@ class Accumulator(AccumulatorState):
         plan = self._plans.plan  # a schedule's first stage
         plan.check_world_size()
         optimizer, scheduler, grad_scaler = integrations.adapt(optimizer, scheduler, grad_scaler)
+        guards.check_scheduler(scheduler)
         self._options = StepOptions(max_grad_norm=max_grad_norm, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite)
         self._norm = max_grad_norm is not None or bool(report_grad_norm) or noise_scale is not None
         self.model = model
@@ -104,6 +104,7 @@ class Accumulator(AccumulatorState):
         self.check_ranks = check_ranks
         self._backend = backends.select(model, plan.world_size, grad_sync)
         self._backend.check_options(self._options)
+        guards.check_optimizer_over_model(model, optimizer, self._backend)
         backends.sync.check_hand_reduction(
             self._backend, auto_micro_batch=auto_micro_batch, float32_sums=accumulate_dtype == torch.float32
         )
@@ -111,8 +112,6 @@ class Accumulator(AccumulatorState):
         bn = BatchNormWindow.attach(model, batch_norm, most)
         noise = NoiseScale.checked(noise_scale, self.backend, self.grads_in_params)
         self._window = WindowLedger(plan.accum_steps, bn, deferred=auto_micro_batch, noise=noise)
-        if self._backend.syncs_in_window:  # reduced every micro-step: there is no window sum to keep in float32
-            accumulate_dtype = None
         self._fp32 = precision.Fp32Window.build(accumulate_dtype, optimizer, most, self._backend, self._window)
         self._auto = auto_micro_batch
         if auto_micro_batch:
@@ -131,12 +130,28 @@ class Accumulator(AccumulatorState):
         self._in_micro_step = False
         self._boundary_now = False
         self._backward_done = False
+        self._backward_begun = False
         self._agreed = False
         self._end_of_data = False  # set by iterate(): the next micro-step is the last one of the data
         self._micro_steps_run = 0
         self._broken: str | None = None
+        self._guards = guards.LoopGuards(
+            optimizer,
+            scheduler,
+            window_open=lambda: self._in_micro_step or self._window.position > 0,
+            options={  # what every rank must have alike, checked with the plan
+                "max_grad_norm": max_grad_norm,
+                "on_nonfinite": on_nonfinite,
+                "grad_sync": self._backend.grad_sync,
+                "accumulate_dtype": accumulate_dtype,
+                "report_grad_norm": report_grad_norm,
+                "noise_scale": noise_scale,
+                "batch_norm": batch_norm,
+                "grad_scaler": None if grad_scaler is None else grad_scaler.is_enabled(),
+            },
+        )
 
-    def micro_step(self, *, last: bool = False) -> MicroStep:
+    def micro_step(self, *, last: bool = False) -> MicroStep[Accumulator]:
         """Run one forward and backward inside; gradient sync is skipped unless this micro-step ends the window.
 
         Leaving the boundary micro-step runs, once: scaler unscale, clip, step, scaler update, scheduler, zero_grad.
@@ -148,7 +163,7 @@ class Accumulator(AccumulatorState):
         Raises:
             RuntimeError: nested ``micro_step``, or the block ended without :meth:`backward`.
         """
-        if self._in_micro_step or self._broken or self._auto or not self._agreed:  # else nothing to check: 1 test
+        if self._in_micro_step or self._broken or self._auto or not self._agreed or not self._micro_steps_run:
             self._check_opening()
         position = self._window.position
         boundary = last or self._end_of_data or position + 1 >= self._window.accum_steps  # the plan's, kept by _use
@@ -157,6 +172,7 @@ class Accumulator(AccumulatorState):
         self._in_micro_step = True
         self._boundary_now = boundary
         self._backward_done = False
+        self._backward_begun = False
         self.stepped = False
         if boundary and not self._auto and self._fp32 is None:  # else reduced by hand (resize.py, precision.py)
             self._backend.before_sync()
@@ -207,10 +223,12 @@ class Accumulator(AccumulatorState):
                 else "acc.backward() was called outside `with acc.micro_step():`; the accumulator could not decide "
                 "whether to sync gradients. Put the forward and acc.backward(loss) inside the `with` block."
             )
-        if loss.dim():
-            raise ValueError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it (.mean())")
+        guards.check_loss(loss)
         window = self._window
-        count = None if num_items is None else item_count(num_items)
+        count = None if num_items is None else guards.item_count(num_items)
+        if window.position:
+            self._guards.window_grads.check(self.optimizer)
+        self._backward_begun = True  # from here on collectives may be in flight: no joining them after a failure
         if not self._auto and window.needs_item_agreement(count):
             # First backward of a run: ranks agree on giving num_items (a rank without it fails here, on every
             # rank, instead of mismatching collectives later) and seed the items-per-micro-step estimate.
@@ -220,6 +238,8 @@ class Accumulator(AccumulatorState):
             loss = self.grad_scaler.scale(loss)
         (self._fp32 or self._backend).backward(loss, scale)  # the fp32 window folds bf16/fp16 gradients into its sums
         self._backward_done = True
+        if not self._boundary_now and self._backend.grads_in_params and not self._auto:
+            self._guards.window_grads.remember(self.optimizer)
         if window.noise is not None and window.position == 0 and not self._boundary_now:
             loss_scale = scale * (self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0)
             window.noise.measure(grads_of(params_of(self.optimizer)), loss_scale, count or self.plan.micro_batch_size)
@@ -243,42 +263,50 @@ class Accumulator(AccumulatorState):
                 (self._fp32 or self._backend).discard_grads(self.optimizer)
                 self._use(self._plans.use_micro_batch_size(resize.shrink(self), self.optimizer_steps))
                 return
+            self._guards.scheduler.check()
             factor = 1.0 if window.skip else window.factor
             if self._fp32 is not None:  # float32 sums of bf16/fp16 gradients: reduced by hand, rounded once
                 factor = self._fp32.finish(params, factor, window.before_reduction, skip=window.skip)
             elif self._auto and not reduced and not window.skip:  # the one reduction, now that no rank ran out
                 resize.reduce_window(self._backend, params, factor * window.before_reduction)
                 factor = 1.0
+            if not self.optimizer_steps and self._backend.grads_in_params and not window.skip:
+                guards.check_grads_reached(params)
             number, nonfinite = self.optimizer_steps + 1, None if early is None else window.nonfinite
             steps = StepWindow(factor, window.skip, number, norm=self._norm, nonfinite=nonfinite, norm_value=shared)
-            grad_norm, skipped = self._backend.step(self.optimizer, params, self._options, steps)
-            self.optimizer_steps += 1
-            self.skipped_steps += int(skipped)
-            self._use(self._plans.advance(window.micro_steps * self.plan.micro_batch_size, self.optimizer_steps))
-            if not skipped and self.scheduler is not None:  # after the counters: it may read consumed_samples
-                self.scheduler.step()
-            self.stepped = True
-            self.last_step = StepResult(
-                step=self.optimizer_steps,
-                loss=window.loss,
-                micro_steps=window.micro_steps,
-                num_items=window.num_items,
-                grad_norm=grad_norm,
-                skipped=skipped,
-                noise_scale=self._window.noise_after_step(window, grad_norm, self.plan.micro_batch_size),
-            )
+            try:
+                with self._guards.stepping():
+                    grad_norm, skipped = self._backend.step(self.optimizer, params, self._options, steps)
+            except FloatingPointError:  # on_nonfinite="raise": a skipped step that says so; its data was consumed
+                self._count_step(window, None, skipped=True)
+                raise
+            self._count_step(window, grad_norm, skipped)
         except BaseException:
             # The boundary work failed (a refusal, on_nonfinite="raise"): its gradients must not reach a later step.
             (self._fp32 or self._backend).discard_grads(self.optimizer)
             raise
         finally:
             self._window.reset()
+            self._guards.window_grads.forget()
+
+    def _count_step(self, window: WindowClose, grad_norm: float | None, skipped: bool) -> None:
+        self.optimizer_steps += 1
+        self.skipped_steps += int(skipped)
+        self._use(self._plans.advance(window.micro_steps * self.plan.micro_batch_size, self.optimizer_steps))
+        if not skipped and self.scheduler is not None:  # after the counters: it may read consumed_samples
+            self.scheduler.step()
+        self._guards.scheduler.remember()
+        self.stepped = True
+        self.last_step = self._window.result(
+            window, self.optimizer_steps, grad_norm, skipped, self.plan.micro_batch_size
+        )
 
     def flush(self) -> StepResult | None:
         """Step a short last window at the end of data, normalized by what it really had. Collective: every rank
         calls it (those with nothing pending too); returns the step's result, or None when no rank had one."""
         if self._in_micro_step:
             raise RuntimeError("acc.flush() was called inside `with acc.micro_step():`; call it after the loop")
+        self._join_opening_collectives()  # before the all-reduce below: a rank with no micro-step since a load
         if collectives.sum_over_ranks([self._window.position])[0] == 0:
             return None
         (self._fp32 or self._backend).reduce_pending(params_of(self.optimizer))
@@ -307,40 +335,14 @@ class Accumulator(AccumulatorState):
             raise RuntimeError(self._broken)
         if self._auto and not self._splitting:
             raise RuntimeError("auto_micro_batch=True: run the micro-steps over acc.split(batch), which retries them")
+        if not self._agreed or not self._micro_steps_run:  # a run's start, or a load_state_dict: state set anew
+            self._guards.run_starts(self.optimizer, first=not self._window.position and not self._micro_steps_run)
         if not self._agreed and self.check_ranks:
             self._check_agreement()
         self._agreed = True  # check_ranks=False: nothing to agree on until a load_state_dict
-        if not self._window.position and not self._micro_steps_run:  # the run's first micro-step
-            warn_if_stale(params_of(self.optimizer))
 
     def _check_agreement(self) -> None:
         self._agreed = True
         setup = {"auto_micro_batch": int(self._auto), "schedule": self.schedule.fingerprint() if self.schedule else 0}
-        collectives.check_plan_agreement(self.plan, self._window.position, self.optimizer_steps, setup)
-
-
-class MicroStep:
-    """The ``with`` block of one micro-step (a plain class rather than a generator: it is entered every micro-batch)."""
-
-    __slots__ = ("_acc", "_boundary", "_no_sync")
-
-    def __init__(self, acc: Accumulator, boundary: bool, no_sync: contextlib.AbstractContextManager[None] | None):
-        self._acc, self._boundary, self._no_sync = acc, boundary, no_sync
-
-    def __enter__(self) -> Accumulator:
-        if self._no_sync is not None:
-            try:
-                self._no_sync.__enter__()
-            except BaseException as error:  # no __exit__ follows: abandon the micro-step here
-                self._acc._end_micro_step(self._boundary, error)
-                raise
-        return self._acc
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> bool:
-        if self._no_sync is not None:
-            try:  # restores the wrapper's sync flag as it found it; a generator's re-raise of `error` returns False
-                self._no_sync.__exit__(kind, error, traceback)
-            except BaseException as raised:  # the wrapper's own failure: the micro-step is abandoned, it propagates
-                self._acc._end_micro_step(self._boundary, raised)
-                raise
-        return self._acc._end_micro_step(self._boundary, error)
+        described = self._guards.described(self.optimizer, self.scheduler)
+        collectives.check_plan_agreement(self.plan, self._window.position, self.optimizer_steps, setup, described)

@@ -4,7 +4,8 @@ Layout of a checkpoint ``directory``::
 
     latest                      the name of the newest complete checkpoint, replaced atomically
     step-00000012/              a checkpoint at a window boundary: state.pt, meta.json (plan, serial, sha256s)
-    step-00000012-micro-0002/   one taken mid-window (``include_grads=True``): also grads-rank00000.pt ...
+    step-00000012-micro-0002/   one taken mid-window (``include_grads=True``): also grads-rank00000.pt ..., each
+                                rank's gradients and its own open-window state (item count, loss sum, ...)
     step-00000012/sharded/      FSDP models: model and optimizer in torch.distributed.checkpoint format
 
 A checkpoint is written under a temporary name, sealed with the sha256 of its files, renamed when complete, and
@@ -18,8 +19,9 @@ also reshards them when the job resumes on another world size. A DeepSpeed engin
 into the checkpoint with ``save_checkpoint`` (``deepspeed/``, :mod:`distaccum.checkpoint_engine`), at window
 boundaries, and resumes on the same world size.
 
-Exact resume. Mid-window, the gradients accumulated so far differ per rank (DDP has not reduced them yet):
-``include_grads=True`` makes every rank write its own, and only the same world size can resume them. At a
+Exact resume. Mid-window, the gradients accumulated so far differ per rank (DDP has not reduced them yet), and so
+does the window's arithmetic (item count, loss sum, a discard, the noise scale's reading): ``include_grads=True``
+makes every rank write its own, and only the same world size can resume them. At a
 window boundary there are none, and a checkpoint resumes on any world size that keeps the global and micro
 batch (:func:`resume_plan`): ``accum_steps`` is re-derived and the optimizer step count carries on, so a data
 order that is a function of the step continues unchanged. FSDP keeps unsynced gradients in private buffers:
@@ -44,7 +46,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from torch import nn
 from distaccum import backends, dist
 from distaccum import checkpoint_engine as engine_files
 from distaccum import checkpoint_files as files
+from distaccum import checkpoint_sharded as sharded_files
 from distaccum.accumulator import Accumulator
 from distaccum.plan import BatchPlan
 
@@ -92,7 +94,7 @@ def _barrier() -> None:
 def latest(directory: str | os.PathLike[str]) -> Path | None:
     """The checkpoint :func:`load` tries first: the complete one ``latest`` names, else the newest complete one
     (with a warning), or None when there is none."""
-    found = files.candidates(Path(directory))
+    found = files.candidates(files.checkpoint_root(directory))
     return found[0].path if found else None
 
 
@@ -103,7 +105,7 @@ def resume_plan(directory: str | os.PathLike[str], world_size: int | None = None
 
     Raises:
         ValueError: the checkpoint's global batch cannot be split over ``world_size`` ranks of its micro batch
-            size; the message lists the world sizes that can resume it.
+            size (the message lists the world sizes that can resume it); ``directory`` is a file or one checkpoint.
     """
     path = latest(directory)
     if path is None:
@@ -144,10 +146,11 @@ def save(
 
     Raises:
         ValueError: mid-window without ``include_grads`` or with an FSDP model or a DeepSpeed engine, ``keep < 1``,
-            or a ``data_state`` that is not tensors and plain data.
+            a ``data_state`` that is not tensors and plain data, or a ``directory`` that is a file or one checkpoint.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 checkpoints, got {keep}")
+    root = files.checkpoint_root(directory)  # on every rank: a refusal on rank 0 alone would hang the others
     files.check_plain({} if data_state is None else data_state)
     position = accumulator.micro_step_in_window
     layout = _layout(model)
@@ -164,10 +167,12 @@ def save(
             "is True), or pass include_grads=True (plain and DDP models) to save them too."
         )
     sharded, engine = layout == "sharded", layout == "engine"
+    problem = sharded_files.refusal(model, optimizer) if sharded else None  # collective: every rank decides alike
+    if problem is not None:
+        raise ValueError(f"checkpoint.save of the sharded {type(model).__name__}: {problem}.")
     # Raises for FSDP mid-window on every rank before anything is written.
     window = accumulator.state_dict(include_grads=True) if position else {}
-    grads, batch_norm = window.get("grads"), window.get("window_batch_norm")
-    root = Path(directory)
+    grads, batch_norm = window.pop("grads", None), window.pop("window_batch_norm", None)
     name = f"step-{accumulator.optimizer_steps:08d}" + (f"-micro-{position:04d}" if position else "")
     final = root / name
     temporary = root / f".tmp-{name}"
@@ -180,19 +185,19 @@ def save(
         _barrier()  # every rank writes into the temporary directory: it must exist first
     model_state: dict[str, Any] | None = None
     optimizer_state: dict[str, Any] | None = None
+    empty_optimizer = False
     if sharded:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        model_state, optimizer_state, empty_optimizer = sharded_files.state_dicts(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary / _SHARDED)
         model_state = optimizer_state = None
     elif engine:
         engine_files.save(model, temporary)
     elif rank == 0:
         model_state, optimizer_state = unwrap(model).state_dict(), optimizer.state_dict()
-    if grads is not None:
-        torch.save(grads, temporary / f"grads-rank{rank:05d}.pt")
+    if grads is not None:  # the window's arithmetic is this rank's own, as its gradients are (format 3)
+        torch.save({"grads": grads, "window": window}, temporary / f"grads-rank{rank:05d}.pt")
     if batch_norm is not None:  # the open window's BatchNorm statistics, this rank's own as its gradients
         torch.save(batch_norm, temporary / f"batchnorm-rank{rank:05d}.pt")
     if sharded or engine or grads is not None:
@@ -218,6 +223,7 @@ def save(
             "sharded": sharded,
             "grads_world_size": None if grads is None else accumulator.plan.world_size,
             "engine_world_size": accumulator.plan.world_size if engine else None,
+            sharded_files.EMPTY_OPTIMIZER: empty_optimizer,
         }
         files.publish(root, temporary, name, meta, keep)
     # Nobody leaves save() before the checkpoint is complete: a rank killed right after can rely on it.
@@ -252,36 +258,77 @@ def load(
             plan's global or micro batch differs from the accumulator's, it is mid-window and the world size
             changed, a replicated checkpoint meets a sharded model, a DeepSpeed checkpoint meets another model
             or world size (or the reverse), no checkpoint is intact (each damaged one is skipped with a warning
-            first), or a file holds objects other than tensors and plain data (refused without running them).
+            first), or a file holds objects other than tensors and plain data (refused without running them);
+            ``directory`` is a regular file or one checkpoint; the model or optimizer does not fit the saved state;
+            ``accumulator`` is mid-window on FSDP or DeepSpeed. Every refusal comes before anything is changed.
+        RuntimeError: called inside ``with acc.micro_step():``.
     """
     layout = _layout(model)
-    sharded_model = layout == "sharded"
-    found = files.candidates(Path(directory))
+    found = files.candidates(files.checkpoint_root(directory))
     if not found:
         return None
-    for entry in found:
-        problems = files.damage(entry)
-        if not problems:
-            break
-        warnings.warn(
-            f"checkpoint {entry.path} is damaged ({'; '.join(problems)}); trying the previous one", stacklevel=2
-        )
-    else:
-        raise ValueError(
-            f"no checkpoint in {directory} is intact ({len(found)} found, all damaged; see the warnings): refusing "
-            "to start over silently. Restore the directory from a backup, or remove it to train from scratch."
-        )
-    path, meta = entry.path, entry.meta
+    path, meta = files.first_intact(found, directory)
     state = files.safe_load(path / _STATE)
-    for field, target in (("scheduler", scheduler), ("grad_scaler", grad_scaler)):
+    _check_kind(path, meta, state, layout, model, accumulator, scheduler=scheduler, grad_scaler=grad_scaler)
+    accumulator_state = files.rank_state(path, meta, state["accumulator"], accumulator.plan.world_size, dist.rank())
+    # Everything that can be refused is refused before anything changes: the model's and optimizer's fit here,
+    # then the accumulator (which checks its whole state before it changes), then the loads that cannot fail.
+    sharded = bool(meta.get("sharded"))
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        files.check_sharded_metadata(path / _SHARDED)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        files.check_sharded_fits(path / _SHARDED, model_state)
+    elif layout != "engine":
+        files.check_fits(path, state["model"], unwrap(model), state["optimizer"], optimizer)
+    accumulator.load_state_dict(accumulator_state)
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        both: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(both, checkpoint_id=path / _SHARDED)  # in place, resharded to this job's layout
+        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+        sharded_files.after_load(optimizer, meta)
+    elif layout == "engine":
+        engine_files.load(model, path)
+    else:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if grad_scaler is not None:
+        grad_scaler.load_state_dict(state["grad_scaler"])
+    data_state: dict[str, Any] = state["data_state"]
+    return data_state
+
+
+def _check_kind(
+    path: Path,
+    meta: dict[str, Any],
+    state: dict[str, Any],
+    layout: str,
+    model: nn.Module,
+    accumulator: Accumulator,
+    **optional: Any,
+) -> None:
+    """Refuse a checkpoint of another kind of run: with(out) a scheduler or scaler, another model layout, another
+    DeepSpeed world size."""
+    for field, target in optional.items():
         if (state[field] is None) != (target is None):
             raise ValueError(
                 f"checkpoint {path} {'has no' if state[field] is None else 'has a'} {field} state but "
                 f"{field}={'None' if target is None else type(target).__name__} was given; pass the same "
                 f"{field} as the run that saved it"
             )
-    sharded = bool(meta.get("sharded"))
-    if not sharded and sharded_model:
+    scaler = optional["grad_scaler"]
+    if scaler is not None and scaler.is_enabled() and not state["grad_scaler"]:
+        raise ValueError(
+            f"checkpoint {path} has an empty grad_scaler state (saved from a disabled GradScaler) but grad_scaler "
+            "is enabled; pass a GradScaler built as the run that saved it (enabled=False)"
+        )
+    if not meta.get("sharded") and layout == "sharded":
         raise ValueError(
             f"checkpoint {path} holds a replicated model's state but model is a sharded {type(model).__name__}; "
             "resume it with the plain or DDP model that saved it"
@@ -294,32 +341,3 @@ def load(
         )
     if saved_by is not None and saved_by != accumulator.plan.world_size:
         raise ValueError(engine_files.other_world_size_refusal(path, saved_by, accumulator.plan.world_size))
-    accumulator_state = state["accumulator"]
-    if meta.get("grads_world_size") == accumulator.plan.world_size:
-        grads = files.safe_load(path / f"grads-rank{dist.rank():05d}.pt")
-        accumulator_state = {**accumulator_state, "grads": grads}
-        if (path / f"batchnorm-rank{dist.rank():05d}.pt").exists():
-            accumulator_state["window_batch_norm"] = files.safe_load(path / f"batchnorm-rank{dist.rank():05d}.pt")
-    # The accumulator first: it refuses another plan (or a mid-window resume on another world size) before
-    # anything is overwritten.
-    accumulator.load_state_dict(accumulator_state)
-    if sharded:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        files.check_sharded_metadata(path / _SHARDED)
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        both: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(both, checkpoint_id=path / _SHARDED)  # in place, resharded to this job's layout
-        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
-    elif saved_by is not None:
-        engine_files.load(model, path)
-    else:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if grad_scaler is not None:
-        grad_scaler.load_state_dict(state["grad_scaler"])
-    data_state: dict[str, Any] = state["data_state"]
-    return data_state

@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 2
-"""2 adds ``files`` (sha256 per file) and ``serial`` to meta.json; format 1 still loads, unverified."""
+FORMAT_VERSION = 3
+"""2 adds ``files`` (sha256 per file) and ``serial`` to meta.json; format 1 still loads, unverified. 3: mid-window,
+each rank's ``grads-rank<r>.pt`` also holds that rank's own open-window state (:func:`rank_window`)."""
 LATEST = "latest"
 META = "meta.json"
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
@@ -49,6 +50,129 @@ class Entry:
     @property
     def order(self) -> tuple[int, int, int]:
         return (int(self.meta.get("serial", 0)), int(self.meta["step"]), int(self.meta.get("micro_step", 0)))
+
+
+def checkpoint_root(directory: str | os.PathLike[str]) -> Path:
+    """``directory`` as the folder checkpoints live in (it may not exist yet).
+
+    Raises:
+        ValueError: it is a regular file, or one checkpoint inside such a folder (either would read as "no
+            checkpoint here" and training would silently start over).
+    """
+    root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise ValueError(
+            f"checkpoint directory {str(root)!r} is a regular file: distaccum.checkpoint expects the directory that "
+            "checkpoint.save() writes into (it holds `latest` and the step-*/ checkpoints). Pass that directory, "
+            "the same path as the run that saved it."
+        )
+    if (root / META).is_file():
+        raise ValueError(
+            f"checkpoint directory {str(root)!r} is one checkpoint (it has {META}), not the directory that holds "
+            "them: distaccum.checkpoint picks the newest intact checkpoint itself. Pass its parent, "
+            f"{str(root.parent)!r}."
+        )
+    return root
+
+
+def check_fits(
+    path: Path, model_state: dict[str, Any], module: Any, optimizer_state: dict[str, Any], optimizer: Any
+) -> None:
+    """Refuse a saved model or optimizer state that would not load into ``module`` / ``optimizer``, before
+    anything is loaded (torch's own load copies every tensor that fits before it raises for the rest).
+
+    Raises:
+        ValueError: names the first tensor or parameter group that does not fit, and both shapes or counts.
+    """
+    live = module.state_dict()
+    missing, unexpected = sorted(set(live) - set(model_state)), sorted(set(model_state) - set(live))
+    wrong = [
+        name
+        for name, value in live.items()
+        if isinstance(value, torch.Tensor)
+        and isinstance(model_state.get(name), torch.Tensor)
+        and model_state[name].shape != value.shape
+    ]
+    problem = None
+    if wrong:
+        name = wrong[0]
+        saved, here = tuple(model_state[name].shape), tuple(live[name].shape)
+        problem = f"{name} has shape {saved} there and {here} here ({len(wrong)} tensor(s) differ)"
+    elif missing or unexpected:
+        problem = f"tensors missing there: {missing[:3]}, unknown here: {unexpected[:3]}"
+    saved_groups = [len(group["params"]) for group in optimizer_state["param_groups"]]
+    live_groups = [len(group["params"]) for group in optimizer.param_groups]
+    if problem is None and saved_groups != live_groups:
+        problem = f"the optimizer has {saved_groups} parameters per group there and {live_groups} here"
+    if problem is not None:
+        raise ValueError(
+            f"checkpoint {path} does not fit this model and optimizer: {problem}. A checkpoint loads into the model "
+            f"and optimizer built as for the run that saved it ({type(module).__name__}); nothing was loaded. Build "
+            "them as that run did, or point the load at a directory of this model's checkpoints."
+        )
+
+
+def rank_state(path: Path, meta: dict[str, Any], saved: dict[str, Any], world_size: int, rank: int) -> dict[str, Any]:
+    """The accumulator state for ``rank``: rank 0's (``state.pt``), with this rank's own open window over it when
+    the checkpoint is mid-window on this world size (another world size is refused by the accumulator).
+
+    Raises:
+        ValueError: a format-2 mid-window checkpoint of several ranks with ``num_items`` (see :func:`_old_window`).
+    """
+    if meta.get("grads_world_size") != world_size:
+        return saved
+    own = safe_load(path / f"grads-rank{rank:05d}.pt")
+    if isinstance(own, dict):  # format 3: {"grads": [...], "window": this rank's accumulator state}
+        state = {**saved, **own["window"], "grads": own["grads"]}
+    else:
+        _old_window(path, saved, world_size)
+        state = {**saved, "grads": own}
+    if (path / f"batchnorm-rank{rank:05d}.pt").exists():
+        state["window_batch_norm"] = safe_load(path / f"batchnorm-rank{rank:05d}.pt")
+    return state
+
+
+def _old_window(path: Path, saved: dict[str, Any], world_size: int) -> None:
+    """A format-2 mid-window checkpoint holds rank 0's window arithmetic for every rank: refused where it sets the
+    weights (``num_items``), warned where it sets only the step's reported loss."""
+    if world_size == 1:
+        return  # rank 0's is the only one
+    if saved.get("window_mode") == "items":
+        raise ValueError(
+            f"checkpoint {path} was taken mid-window (micro-step {saved['micro_step']}) with num_items on "
+            f"{world_size} ranks by a distaccum that saved rank 0's window item count for every rank (format 2): "
+            "resumed, the step's gradient would be weighted by a wrong global count. Resume from the checkpoint "
+            "before it (move this one away; save(keep=2) kept it), or from a boundary checkpoint."
+        )
+    warnings.warn(
+        f"checkpoint {path} was taken mid-window (micro-step {saved['micro_step']}) on {world_size} ranks by a "
+        "distaccum that saved rank 0's window loss for every rank (format 2): the weights resume exactly, but "
+        "last_step.loss of this step counts rank 0's loss so far on every rank, and a window another rank alone "
+        "discarded is not discarded",
+        stacklevel=4,
+    )
+
+
+def check_sharded_fits(directory: Path, model_state: dict[str, Any]) -> None:
+    """Refuse a ``torch.distributed.checkpoint`` directory whose model tensors do not have this model's (global)
+    shapes, before any load (after :func:`check_sharded_metadata`).
+
+    Raises:
+        ValueError: names the first tensor that is missing there or has another shape.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    for name, value in model_state.items():
+        entry = saved.get(f"model.{name}")
+        size = getattr(entry, "size", None)
+        if isinstance(value, torch.Tensor) and (entry is None or (size is not None and tuple(size) != value.shape)):
+            there = "missing" if entry is None else f"shape {tuple(size or ())}"
+            raise ValueError(
+                f"checkpoint {directory.parent} does not fit this model: {name} is {there} there and has shape "
+                f"{tuple(value.shape)} here. A checkpoint loads into the model built as for the run that saved it; "
+                "nothing was loaded. Build it as that run did."
+            )
 
 
 def complete(root: Path) -> list[Entry]:
@@ -87,6 +211,25 @@ def damage(entry: Entry) -> list[str]:
         elif _sha256(file) != digest:
             problems.append(f"{name} does not match its sha256 (truncated or corrupted)")
     return problems
+
+
+def first_intact(found: list[Entry], directory: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """The first intact checkpoint of ``found`` (each damaged one skipped with a warning): its path and meta.
+
+    Raises:
+        ValueError: none is intact (refusing to start over silently).
+    """
+    for entry in found:
+        problems = damage(entry)
+        if not problems:
+            return entry.path, entry.meta
+        warnings.warn(
+            f"checkpoint {entry.path} is damaged ({'; '.join(problems)}); trying the previous one", stacklevel=3
+        )
+    raise ValueError(
+        f"no checkpoint in {directory} is intact ({len(found)} found, all damaged; see the warnings): refusing "
+        "to start over silently. Restore the directory from a backup, or remove it to train from scratch."
+    )
 
 
 def publish(root: Path, temporary: Path, name: str, meta: dict[str, Any], keep: int) -> Path:

@@ -8,6 +8,7 @@ agreement at start-up and at every window boundary protects.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -79,26 +80,54 @@ def gather_from_ranks(values: Sequence[int]) -> list[list[int]]:
     return [[int(value) for value in row.tolist()] for row in rows]
 
 
-def check_same_on_all_ranks(fields: Sequence[str], values: Sequence[int], *, what: str, fix: str) -> None:
+def check_same_on_all_ranks(
+    fields: Sequence[str],
+    values: Sequence[int],
+    *,
+    what: str,
+    fix: str,
+    described: dict[str, str] | None = None,
+) -> None:
     """Gather ``values`` and raise on every rank, naming each field that differs from rank 0's.
+
+    ``described``: texts that must match too, gathered as one fingerprint (field ``options``); when it differs,
+    every rank gathers the texts themselves (a second collective, on the error path only) to name each one.
 
     Raises:
         RuntimeError: some rank's values differ; the message lists ``rank r has field=v where rank 0 has w``.
     """
-    rows = gather_from_ranks(values)
+    described = described or {}
+    fields = (*fields, "options")
+    rows = gather_from_ranks([*values, fingerprint(repr(sorted(described.items())))])
     problems = [
         f"rank {rank} has {field}={value} where rank 0 has {expected}"
         for rank, row in enumerate(rows)
         for field, value, expected in zip(fields, row, rows[0], strict=True)
-        if value != expected
+        if value != expected and field != "options"
     ]
+    if any(row[-1] != rows[0][-1] for row in rows):
+        texts: list[dict[str, str]] = [{} for _ in rows]
+        torch_dist.all_gather_object(texts, described)
+        problems += [
+            f"rank {rank} has {key}={texts[rank].get(key, '(none)')} where rank 0 has {texts[0].get(key, '(none)')}"
+            for rank in range(1, len(rows))
+            for key in sorted(texts[0].keys() | texts[rank].keys())
+            if texts[rank].get(key) != texts[0].get(key)
+        ]
     if problems:
         raise RuntimeError(f"ranks disagree on {what}: " + "; ".join(problems) + f". {fix}")
 
 
-def check_plan_agreement(plan: BatchPlan, micro_step: int, step: int, setup: dict[str, int] | None = None) -> None:
+def check_plan_agreement(
+    plan: BatchPlan,
+    micro_step: int,
+    step: int,
+    setup: dict[str, int] | None = None,
+    options: dict[str, str] | None = None,
+) -> None:
     """Start-up check (one all-gather): every rank has the same plan, window position and step (and ``setup``:
-    more integers that must match, e.g. a batch schedule's fingerprint).
+    more integers that must match, e.g. a batch schedule's fingerprint; and ``options``: texts that must match, e.g.
+    ``max_grad_norm`` or an optimizer's ``lr``, gathered as one fingerprint).
 
     Raises:
         RuntimeError: on every rank, naming each rank and field that differs from rank 0.
@@ -108,9 +137,17 @@ def check_plan_agreement(plan: BatchPlan, micro_step: int, step: int, setup: dic
     check_same_on_all_ranks(
         (*fields, "micro_step", "step", *setup),
         [*(getattr(plan, field) for field in fields), micro_step, step, *setup.values()],
-        what="the accumulation plan or their position in the window",
-        fix="Build the BatchPlan from the same arguments on every rank and load the same checkpoint.",
+        what="the accumulation plan, their position in the window, or their options",
+        fix="Build the BatchPlan, the Accumulator's options and the optimizer from the same arguments on every rank "
+        "and load the same checkpoint.",
+        described=options,
     )
+
+
+def fingerprint(text: str) -> int:
+    """A stable 63-bit integer for ``text`` (the same in every process, unlike ``hash``)."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def sum_checking_step(
@@ -138,15 +175,16 @@ def sum_checking_step(
     return totals
 
 
-def agree_on_item_mode(count: int | None) -> tuple[int, float]:
-    """Whether ranks give ``num_items``, in one all-reduce: (ranks giving it, their items summed).
+def agree_on_item_mode(count: int | None, *, abstain: bool = False) -> tuple[int, float]:
+    """Whether ranks give ``num_items``, in one all-reduce: (ranks giving it, their items summed). ``abstain``: this
+    rank has no micro-batch to say it of (a flush() with nothing pending meeting the others' first backward).
 
     Raises:
         RuntimeError: some ranks give it and others do not (they would mismatch collectives later).
     """
-    giving, items = sum_over_ranks([float(count is not None), float(count or 0)])
+    giving, items, abstaining = sum_over_ranks([float(count is not None), float(count or 0), float(abstain)])
     world = torch_dist.get_world_size() if active() else 1
-    if 0 < giving < world:
+    if 0 < giving < world - abstaining:
         raise RuntimeError(
             f"{int(giving)} of {world} ranks gave num_items to acc.backward() and the others did not (this rank "
             f"{'did' if count is not None else 'did not'}); every rank must call acc.backward(loss, "

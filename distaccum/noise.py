@@ -14,7 +14,8 @@ at every boundary: ``G_small`` is one micro-batch's gradient, read on each rank 
 ``num_items``); ``G_big`` is the step's gradient, whose norm the step computes anyway. The ranks' small norms
 travel in the boundary's one scalar all-reduce and are averaged, which lowers the estimate's variance. A window of
 one micro-step gives no estimate (there is no gradient of a smaller batch to read), nor do wrappers whose window
-gradients are not in ``param.grad`` (FSDP, DeepSpeed: refused at construction).
+gradients are not in ``param.grad`` (FSDP, DeepSpeed: refused at construction). A mid-window checkpoint keeps each
+rank's own reading (:meth:`NoiseScale.window_state`), so the resumed step still measures.
 """
 
 from __future__ import annotations
@@ -111,3 +112,14 @@ class NoiseScale:
             float(state["grad_sq"]),
             float(state["weight"]),
         )
+
+    def window_state(self) -> list[float] | None:
+        """The open window's small-batch reading (squared norm, batch), this rank's own; None before one."""
+        if self._small is None:
+            return None
+        return [float(self._small), self._small_batch]
+
+    def load_window_state(self, state: list[float] | None) -> None:
+        """Restore :meth:`window_state` (None: no reading, as in a state saved before distaccum kept it)."""
+        self._small = None if state is None else torch.tensor(float(state[0]), dtype=torch.float64)
+        self._small_batch = 0.0 if state is None else float(state[1])

@@ -18,28 +18,16 @@ sum in float32 for this reason, and so does FSDP2 with ``MixedPrecisionPolicy(re
 * then ``param.grad = sum.to(param.dtype)``: one rounding per step, and the optimizer step goes on as usual
   (non-finite check, clipping, GradScaler), on gradients in the parameters' dtype.
 
-Measured (``examples/precision.py``, its output in ``examples/precision.txt``): an MLP 512-512-1 in bf16, micro-batch
-4, relative error of the step's gradient against the same real batch in float64, from the same weights (mean of 3+
-windows); "one bf16 backward" is the whole real batch in a single bf16 backward, the floor bf16 weights allow:
-
-==== =========== ============== ================= ==================== ======================
-k    bf16 sums   float32 sums   one bf16 backward DDP x2: bf16 sums    DDP x2: float32 sums
-==== =========== ============== ================= ==================== ======================
-1    4.1e-3      4.1e-3         4.1e-3            4.4e-3               4.4e-3
-8    5.5e-3      4.4e-3         4.1e-3            6.0e-3               4.6e-3
-64   1.0e-2      4.4e-3         4.1e-3            1.0e-2               4.1e-3
-256  1.9e-2      4.2e-3         3.9e-3            1.7e-2               3.8e-3
-==== =========== ============== ================= ==================== ======================
-
-(DDP x2: k micro-steps per rank, a real batch of 8k.) The bf16 sum drifts with k (~5x the floor at k = 256); the
-float32 sum stays within 1.1x of it. Memory: 4 bytes per bf16/fp16 parameter element for the sums, from the
-window's second micro-step to its boundary, where the bf16 ``.grad`` (2 bytes) would have been: +2 bytes per element
-(measured: 1,052,676 bytes of sums against 526,338 of bf16 gradients); each sum is freed as it is rounded. Hooks
-rather than one ``_foreach_add_`` after each backward, which would keep a whole bf16 gradient next to the sums at the
-backward's end (+4 bytes per element) for no gain in time (3.0-3.4 against 2.6-3.1 ms per micro-step, bf16 MLP of 4
-layers 512-512, CPU). Time: one pass over those gradients per micro-step, +0-25% per micro-step in the example on
-this CPU (micro-batches of 4: little compute to hide it in); under DDP the boundary sends float32 (2x the bytes of
-bf16, once per window) after the last backward instead of overlapped with it.
+Measured (``examples/precision.py``; the figures are in ``examples/precision.txt``): an MLP 512-512-1 in bf16,
+relative error of the step's gradient against the real batch in float64, 1 process and DDP x2. The bf16 sum drifts
+with k (~5x the floor at k = 256); the float32 sum stays within 1.1x of it. Memory: 4 bytes per bf16/fp16 parameter
+element for the sums, from the window's second micro-step to its boundary, where the bf16 ``.grad`` (2 bytes) would
+have been: +2 bytes per element (measured: 1,052,676 bytes of sums against 526,338 of bf16 gradients); each sum is
+freed as it is rounded. Hooks rather than one ``_foreach_add_`` after each backward, which would keep a whole bf16
+gradient next to the sums at the backward's end (+4 bytes per element) for no gain in time (3.0-3.4 against 2.6-3.1
+ms per micro-step, bf16 MLP of 4 layers 512-512, CPU). Time: one pass over those gradients per micro-step, +0-25% per
+micro-step in the example on this CPU (micro-batches of 4: little compute to hide it in); under DDP the boundary
+sends float32 (2x the bytes of bf16, once per window) after the last backward instead of overlapped with it.
 
 Default ``"auto"``: float32 sums when some optimizer parameter is bf16/fp16, a window has more than one micro-step
 and the wrapper allows it exactly (plain, DDP without ``static_graph``), because the error of the bf16 sum grows
@@ -94,6 +82,12 @@ def warn_if_low(params: Params, accum_steps: int, wrapper_dtype: torch.dtype | N
 
 def refusal(backend: Backend) -> tuple[str, str] | None:
     """Why float32 sums cannot be made exact on ``backend``'s wrapper, and the fix (None: they can)."""
+    if backend.syncs_in_window:
+        return (
+            f"grad_sync={backend.grad_sync!r} reduces the gradients in every micro-step's backward, which adds them "
+            "to the reduced sum so far in the parameters' dtype",
+            "Use grad_sync='boundary' (the default) with accumulate_dtype=torch.float32",
+        )
     if backend.name == "fsdp1":
         return (
             "FSDP1 keeps a window's unsynced gradients in its own flat buffers, in the parameters' dtype",
@@ -186,12 +180,13 @@ class Fp32Window:
             )
         params = params_of(optimizer)
         low = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.requires_grad and p.dtype in LOW})
-        wrapper = backend.accumulation_dtype()
+        # Reduced in every backward, the shards' sum is kept in the parameters' dtype whatever the wrapper reduces in.
+        wrapper = None if backend.syncs_in_window else backend.accumulation_dtype()
         if accumulate_dtype is None or not low or wrapper == torch.float32:  # nothing to do, or the wrapper does it
             return None
         problem = refusal(backend)
         if accumulate_dtype == "auto" and (accum_steps == 1 or problem is not None):
-            warn_if_low(params, accum_steps, wrapper, None if problem is None else f"{problem[1]}.")
+            warn_if_low(params, accum_steps, wrapper, None if problem is None else f"Here {problem[0]}. {problem[1]}.")
             return None
         if problem is not None:
             raise ValueError(

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from distaccum import collectives
 from distaccum.backends import Backend, params_of
 from distaccum.plan import BatchPlan
 from distaccum.precision import Fp32Window
@@ -29,14 +30,20 @@ class AccumulatorState:
     _window: WindowLedger
     _backend: Backend
     _fp32: Fp32Window | None
+    _auto: bool
+    check_ranks: bool
     _agreed: bool
     _in_micro_step: bool
     _boundary_now: bool
     _backward_done: bool
+    _backward_begun: bool
     _broken: str | None
 
     def _finish_window(self, *, local: bool = False, reduced: bool = False) -> None:
         raise NotImplementedError  # the accumulator's boundary: factor, step, StepResult
+
+    def _check_agreement(self) -> None:
+        raise NotImplementedError  # the accumulator's start-up agreement of the ranks
 
     @property
     def micro_step_in_window(self) -> int:
@@ -76,6 +83,10 @@ class AccumulatorState:
     def state_dict(self, *, include_grads: bool = False) -> dict[str, Any]:
         """Counters and window position (plain Python values), for exact resume; mid-window also the gradients.
 
+        The open window's arithmetic (item count, loss sum, a discard, the noise scale's small-batch reading) is
+        this rank's own, as its gradients are: under DDP every rank saves its own state (:func:`distaccum.checkpoint
+        .save` writes it next to each rank's gradients).
+
         Args:
             include_grads: also save the gradients accumulated so far in an unfinished window (under ``"grads"``,
                 one tensor or None per optimizer parameter; the float32 sums of bf16/fp16 gradients where
@@ -86,12 +97,14 @@ class AccumulatorState:
         Raises:
             ValueError: ``include_grads`` mid-window on FSDP or DeepSpeed (private buffers): save at a boundary.
         """
+        noise = self._window.noise
         state: dict[str, Any] = {
             "plan": self.plan.as_dict(),
             "optimizer_steps": self.optimizer_steps,
             "skipped_steps": self.skipped_steps,
             **self._plans.state_dict(),
-            "noise_scale": None if self._window.noise is None else self._window.noise.state_dict(),
+            "noise_scale": None if noise is None else noise.state_dict(),
+            "window_noise": None if noise is None else noise.window_state(),
             **self._window.state_dict(),
         }
         if include_grads and self._window.position:
@@ -104,16 +117,36 @@ class AccumulatorState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the ranks' agreement is checked again at the next micro-step.
 
+        Everything is checked before anything changes: a refused state leaves the accumulator as it was. A window
+        open here is dropped (its gradients too): the result is the same as loading into fresh objects.
         A boundary checkpoint may come from another world size with the same global and micro batch
         (elastic resume): ``accum_steps`` is this job's plan's, and the optimizer step count carries on.
 
         Raises:
+            RuntimeError: called inside ``with acc.micro_step():``.
             ValueError: the saved plan has another global or micro batch; or another world size while the
-                checkpoint is mid-window; or saved gradients that do not fit this model.
+                checkpoint is mid-window; or saved gradients or BatchNorm statistics that do not fit this model;
+                or this FSDP/DeepSpeed accumulator is mid-window (its gradients are in private buffers).
         """
+        window = self._window
+        if self._in_micro_step:
+            raise RuntimeError(
+                "load_state_dict() was called inside `with acc.micro_step():`, whose backward belongs to the window "
+                "being replaced; load between micro-steps (before the loop, or right after a step)"
+            )
+        if window.position and not self._backend.grads_in_params:
+            raise ValueError(
+                f"load_state_dict() into an accumulator mid-window ({window.where}) of a {self.backend} model: the "
+                "window's unsynced gradients are in the wrapper's private buffers, which a load cannot clear, so "
+                "they would be added to the loaded state. Load into freshly built objects (or right after a step)."
+            )
         plan, consumed = self._plans.resume(state)  # refuses another plan before anything changes
         grads, batch_norm = state.get("grads"), state.get("window_batch_norm")
-        if self._window.batch_norm is not None and grads is not None:
+        params = params_of(self.optimizer)
+        if grads is not None:
+            self._backend.check_window_grads(params, grads)
+        statistics = False  # the open window's BatchNorm statistics restored
+        if window.batch_norm is not None and grads is not None:
             if batch_norm is None:
                 warnings.warn(
                     f"loaded a mid-window state (micro-step {state['micro_step']}) without the window's BatchNorm "
@@ -122,19 +155,22 @@ class AccumulatorState:
                     stacklevel=2,
                 )
             else:
-                self._window.batch_norm.load_state_dict(batch_norm)  # checks the layers before anything changes
+                window.batch_norm.load_state_dict(batch_norm)  # the last check: it refuses before it changes
+                statistics = True
+        # Nothing is refused from here on. The open window's gradients would be added to the loaded ones.
+        if window.position:
+            (self._fp32 or self._backend).discard_grads(self.optimizer)
         if grads is not None:
-            try:
-                (self._fp32 or self._backend).restore_window_grads(params_of(self.optimizer), grads)
-            except ValueError:
-                if self._window.batch_norm is not None:
-                    self._window.batch_norm.reset()
-                raise
+            (self._fp32 or self._backend).restore_window_grads(params, grads)
+        if window.batch_norm is not None and not statistics:
+            window.batch_norm.reset()
         self._plans.restore(plan, consumed)
         self._use(plan)
-        self._window.load_state_dict(state, with_grads=grads is not None)
-        if self._window.noise is not None and state.get("noise_scale"):
-            self._window.noise.load_state_dict(state["noise_scale"])
+        window.load_state_dict(state, with_grads=grads is not None)
+        if window.noise is not None:
+            if state.get("noise_scale"):
+                window.noise.load_state_dict(state["noise_scale"])
+            window.noise.load_window_state(state.get("window_noise") if grads is not None else None)
         self.optimizer_steps = int(state["optimizer_steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self._agreed = False
@@ -150,6 +186,10 @@ class AccumulatorState:
     def _abandon_micro_step(self, boundary: bool) -> None:  # the block raised; semantics: discard_window()
         self._window.position += 1
         self._window.discarded = True
+        if not boundary and not self._backend.syncs_in_window:
+            return
+        if not self._backward_begun and self._reduces_in_backward() and self._backend.join_reduction():
+            self._backward_done = True  # the peers' reduction was joined with zeros: the window ends with theirs
         if not boundary:
             return
         if self._backward_done:  # this rank joined the boundary reduction: close the window with the others
@@ -163,6 +203,18 @@ class AccumulatorState:
                 "buffers only a backward can reduce or clear, so no later step would be exact. Resume from the last "
                 "checkpoint (distaccum.checkpoint.load) in a fresh process."
             )
+
+    def _join_opening_collectives(self) -> None:
+        """flush() on a rank that ran no micro-step since the start or a load: meet the collectives the other ranks'
+        first micro-step and backward make, in their order: the ranks' agreement, then the item mode's (abstaining:
+        this rank has no micro-batch to count)."""
+        if not self._agreed and self.check_ranks:
+            self._check_agreement()
+        if not self._auto and self._window.needs_item_agreement(None):
+            self._window.agree_on_items(*collectives.agree_on_item_mode(None, abstain=True))
+
+    def _reduces_in_backward(self) -> bool:  # else by hand, at the boundary's close (precision.py, resize.py)
+        return self._fp32 is None and not self._auto
 
     def _discard_window(self) -> None:  # local, unsynced gradients of a window that will never step
         if self._fp32 is not None:

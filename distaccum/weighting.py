@@ -14,12 +14,11 @@ boundary, after the backend reduced it (the fairseq / Megatron "scale once at th
   ``c`` is a rank-consistent estimate of items per micro-step (the global mean of the previous window; for
   the first window the mean ``n`` over ranks at the first micro-step where any rank has items, from one extra
   scalar all-reduce per run that also checks that all ranks give ``num_items`` or none do). The gradient is
-  then ``sum(n_i * g_i) / (c * k * W)`` after the backend's average, and one scalar all-reduce of the
-  window's item count ``N`` at the boundary gives the exact factor ``c * k * W / N``. Why this and not
-  pre-counting the window: it needs no look-ahead into the data, works identically for DDP, FSDP1, FSDP2 and
-  DeepSpeed (the correction is applied to reduced gradients, never to the backend's private buffers), and
-  keeps the scaled loss at the magnitude of a plain ``loss / accum_steps``, so an fp16 ``GradScaler`` never
-  sees a loss multiplied by a token count.
+  then ``sum(n_i * g_i) / (c * k * W)`` after the backend's average, and one scalar all-reduce of the window's
+  item count ``N`` at the boundary gives the exact factor ``c * k * W / N``. Why this and not pre-counting the
+  window: it needs no look-ahead into the data, works identically for DDP, FSDP1, FSDP2 and DeepSpeed (the
+  correction is applied to reduced gradients, never to the backend's private buffers), and keeps the scaled loss
+  at the magnitude of a plain ``loss / accum_steps``: an fp16 ``GradScaler`` never sees a loss times a count.
 
 The same boundary all-reduce carries the window's loss (so the step result reports the true window loss over
 all ranks), the micro-step count, and whether any rank discarded the window.
@@ -32,10 +31,9 @@ all-reduce, so ranks keep the same window position and the same collectives:
   happens as usual, and the step is skipped on every rank (``skipped_steps``, ``last_step.skipped``, loss NaN);
 * if the boundary micro-step itself raised after ``acc.backward()``, this rank already joined the reduction: the
   window closes right there, skipped;
-* if it raised before ``acc.backward()``, this rank joined no reduction (other ranks that did will wait for it
-  until the process group's timeout): a plain or DDP model drops the window locally and the ranks' positions are
-  checked again at the next micro-step; FSDP and DeepSpeed keep unsynced gradients where only a backward can
-  reach them, so further micro-steps are refused with the way out (resume from a checkpoint);
+* if it raised before ``acc.backward()``, DDP joins the peers' reduction with a backward of zeros and the window
+  closes with theirs (``DDPBackend.join_reduction``); one process, and DDP where it cannot join (its peers wait
+  for the process group's timeout), drop it locally; FSDP and DeepSpeed refuse further micro-steps (resume);
 * a failure in the boundary's own work (``on_nonfinite="raise"``, a refusal) drops the window's reduced
   gradients and resets the window, so training can go on from the next window.
 """
@@ -101,18 +99,6 @@ class WindowClose:
     """Some rank ran out of memory (``auto_micro_batch``): start the window again with smaller micro-batches."""
     nonfinite: bool = False
     """Some rank found a NaN/inf in its part of the reduced gradient (when the ranks checked before the close)."""
-
-
-def item_count(num_items: int | torch.Tensor) -> int:
-    """``num_items`` as a Python int.
-
-    Raises:
-        ValueError: negative or not a whole number.
-    """
-    count = int(num_items.item()) if isinstance(num_items, torch.Tensor) else int(num_items)
-    if count < 0 or count != num_items:
-        raise ValueError(f"num_items must be a non-negative integer, got {num_items!r}")
-    return count
 
 
 class WindowLedger:
@@ -305,7 +291,21 @@ class WindowLedger:
             nonfinite=bool(nonfinite),
         )
 
-    def noise_after_step(self, window: WindowClose, grad_norm: float | None, micro_batch_size: int) -> float | None:
+    def result(
+        self, window: WindowClose, step: int, grad_norm: float | None, skipped: bool, micro_batch_size: int
+    ) -> StepResult:
+        """What ``window``'s step (number ``step``, taken or ``skipped``) reports."""
+        return StepResult(
+            step=step,
+            loss=window.loss,
+            micro_steps=window.micro_steps,
+            num_items=window.num_items,
+            grad_norm=grad_norm,
+            skipped=skipped,
+            noise_scale=self._noise_after_step(window, grad_norm, micro_batch_size),
+        )
+
+    def _noise_after_step(self, window: WindowClose, grad_norm: float | None, micro_batch_size: int) -> float | None:
         """The noise scale after ``window``'s step, whose gradient norm was ``grad_norm`` (None: noise scale off)."""
         if self.noise is None or window.noise is None or grad_norm is None:
             return None if self.noise is None else self.noise.value
@@ -325,6 +325,7 @@ class WindowLedger:
             "window_loss": self.loss_total() if self.mode is not None else None,
             "window_mode": self.mode,
             "window_discarded": self.discarded,
+            "window_own_scale": self.own_scale,  # deferred mode: this rank's own first count
         }
 
     def load_state_dict(self, state: dict[str, Any], *, with_grads: bool) -> None:
@@ -345,3 +346,5 @@ class WindowLedger:
         self.loaded_loss = 0.0 if loss is None else float(loss)
         self.mode = state["window_mode"]
         self.discarded = bool(state.get("window_discarded", False))  # absent in format-1 checkpoints
+        self.own_scale = state.get("window_own_scale")
+        self.out_of_memory = False

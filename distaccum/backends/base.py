@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
+from distaccum.backends.step import StepOptions, StepWindow
 from distaccum.backends.sync import GradSync
-from distaccum.backends.tensors import SeededBackward, by_kind, grads_of, read_is_a_sync
+from distaccum.backends.tensors import SeededBackward, by_kind, grads_of, nonfinite_flag, read_is_a_sync
 
 Params = list[torch.Tensor]
 _NOTHING = contextlib.nullcontext()  # reusable: entered on every micro-step of a plain model
@@ -28,32 +28,6 @@ def params_of(optimizer: torch.optim.Optimizer) -> Params:
     """The optimizer's parameters as they are now: read at every use, so a group added with
     ``add_param_group`` after the accumulator was built is scaled, clipped and checkpointed too."""
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepOptions:
-    """How the accumulator wants its optimizer steps taken (fixed for its lifetime).
-
-    Raises:
-        ValueError: ``max_grad_norm`` is not positive, or ``on_nonfinite`` is not a known policy.
-    """
-
-    max_grad_norm: float | None = None
-    """Clip the window's global gradient norm to this (None: no clipping)."""
-    grad_scaler: torch.amp.GradScaler | None = None
-    """fp16 loss scaler, unscaled and updated once per step."""
-    on_nonfinite: Literal["skip", "raise"] = "skip"
-    """What a non-finite gradient does: skip the step on all ranks, or raise ``FloatingPointError``."""
-
-    def __post_init__(self) -> None:
-        norm = self.max_grad_norm
-        if norm is not None and not (isinstance(norm, int | float) and not isinstance(norm, bool) and norm > 0):
-            raise ValueError(
-                f"max_grad_norm must be a positive number or None, got {norm!r}; pass e.g. 1.0, or None to disable "
-                "clipping"
-            )
-        if self.on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {self.on_nonfinite!r}")
 
 
 class Backend:
@@ -145,7 +119,7 @@ class Backend:
         """Global 2-norm of the gradients as they are (the caller folds clipping into one multiply)."""
         grads = grads_of(params)
         if not grads:
-            return torch.zeros(())
+            return torch.zeros((), dtype=torch.float32)
         total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         full = getattr(total, "full_tensor", None)  # DTensor (FSDP2): partial norms over shards
         return full() if full is not None else total
@@ -159,12 +133,7 @@ class Backend:
         whole gradients on an accelerator, where the step's read of a fused flag would be a second host sync."""
         if self.engine_steps or (self.replicated and not _on_accelerator(params)):  # whole: a CPU read is free
             return None
-        found: torch.Tensor | None = None
-        for grads in by_kind(grads_of(params)):
-            local = [getattr(g, "_local_tensor", g) for g in grads]  # a DTensor shard: its own elements
-            flag = torch.stack(torch._foreach_norm(local, math.inf)).sum().isfinite().logical_not()
-            found = flag if found is None else found | flag.to(found.device)
-        return 0.0 if found is None else found
+        return nonfinite_flag(grads_of(params))
 
     def early_norm(self, params: Params, options: StepOptions) -> torch.Tensor | None:
         """The global gradient norm, left on the device to be read with the boundary's scalars (one host read);
@@ -196,12 +165,18 @@ class Backend:
     def _check_buffers(self, device: torch.device, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
         # Kept between steps (one found flag and the usual factor 1.0 per device): nothing allocated per step.
         if device not in self._checks:
-            self._checks[device] = torch.zeros(1, device=device), torch.ones(1, device=device)
+            # float32 whatever torch.set_default_dtype says: GradScaler's kernel takes no other flag or factor.
+            found = torch.zeros(1, dtype=torch.float32, device=device)
+            self._checks[device] = found, torch.ones(1, dtype=torch.float32, device=device)
         found, one = self._checks[device]
         if device not in self._clean:  # set, or not read after the kernel (a raise in between): zero it
             found.zero_()
         self._clean.discard(device)
         return found, one if factor == 1.0 else torch.full((1,), factor, dtype=torch.float32, device=device)
+
+    def join_reduction(self) -> bool:
+        """After a micro-step raised before its reducing backward: join the other ranks' reduction (True), or not."""
+        return False
 
     def reduce_pending(self, params: Params) -> None:
         """Average gradients that were accumulated under :meth:`no_sync` (end of data mid-window)."""
@@ -224,8 +199,8 @@ class Backend:
             )
         return [None if p.grad is None else p.grad.detach().clone() for p in params]
 
-    def restore_window_grads(self, params: Params, grads: list[torch.Tensor | None]) -> None:
-        """Put :meth:`window_grads` back into ``param.grad``, after checking that they all fit.
+    def check_window_grads(self, params: Params, grads: list[torch.Tensor | None]) -> None:
+        """Refuse :meth:`window_grads` that this wrapper cannot take back or that do not fit ``params``.
 
         Raises:
             ValueError: this wrapper keeps them in private buffers, or they do not fit ``params``.
@@ -237,12 +212,15 @@ class Backend:
             )
         shapes = [tuple(p.shape) for p in params]
         saved = [None if g is None else tuple(g.shape) for g in grads]
-        fits = len(saved) == len(shapes) and all(s in (None, want) for s, want in zip(saved, shapes, strict=True))
-        if not fits:
+        if len(saved) != len(shapes) or any(s not in (None, want) for s, want in zip(saved, shapes, strict=True)):
             raise ValueError(
                 f"the state's saved gradients ({len(saved)} tensors) do not fit this optimizer's {len(shapes)} "
                 "parameters; load it into the same model and optimizer that saved it"
             )
+
+    def restore_window_grads(self, params: Params, grads: list[torch.Tensor | None]) -> None:
+        """Put :meth:`window_grads` back into ``param.grad``, after :meth:`check_window_grads`."""
+        self.check_window_grads(params, grads)
         for param, grad in zip(params, grads, strict=True):
             param.grad = None if grad is None else grad.detach().to(param.device, param.dtype).clone()
 
@@ -310,24 +288,6 @@ class Backend:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm, False
-
-
-@dataclass(frozen=True)
-class StepWindow:
-    """What the accumulator's boundary hands to :meth:`Backend.step`."""
-
-    factor: float
-    """Multiply the reduced gradient by this (folded into the clipping multiply)."""
-    skip: bool
-    """The accumulator decided not to step (a window without items, a discarded one): drop the gradients."""
-    number: int
-    """This step's number (1-based), for messages."""
-    norm: bool = False
-    """Compute the global gradient norm (clipping, ``report_grad_norm``, the noise scale); it decides non-finite."""
-    nonfinite: bool | None = None
-    """Some rank saw a NaN/inf in its part before the boundary's all-reduce (None: not checked there)."""
-    norm_value: float | None = None
-    """The global norm before the factor, read with the boundary's scalars (None: not computed yet)."""
 
 
 def _on_accelerator(params: Params) -> bool:

@@ -15,11 +15,13 @@ parameter, not per bucket: there the check is also the step's.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from distaccum import collectives
 from distaccum.backends.base import Backend, GradSync, Params, StepOptions, StepWindow, grads_of
 
 
@@ -43,8 +45,12 @@ class DDPBackend(Backend):
         self.hook: CheckedAverage | None = None
         """distaccum's comm hook state (None before the first sync, or when the model has a comm hook of its own)."""
         self._hook_tried = False
+        self._forwards = ForwardCount.attach(model)  # join_reduction asks whether this micro-step's forward ran
+        self._forwards_at_sync = 0
+        self._buckets_rebuilt = False
 
     def before_sync(self) -> None:
+        self._forwards_at_sync = self._forwards.value
         # At the first boundary, not at construction: a script that registers its own comm hook after building the
         # Accumulator (DDP takes only one) keeps it, and its reductions are then checked at the step instead.
         if not self._hook_tried:
@@ -94,10 +100,45 @@ class DDPBackend(Backend):
         self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, window: StepWindow
     ) -> tuple[float | None, bool]:
         try:
-            return super().step(optimizer, params, options, window)
+            result = super().step(optimizer, params, options, window)
         finally:
             if self.hook is not None:
                 self.hook.reset()  # whatever the step used, the next window starts unchecked
+        self._rebuild_buckets()
+        return result
+
+    def _rebuild_buckets(self) -> None:
+        # DDP rebuilds its buckets once, in the first forward after its first synced backward, with a broadcast in
+        # that forward: a rank whose data ended (flush() of a short window) would meet it with the flush's
+        # all-reduce and hang both. At the boundary every rank is in step, so the rebuild happens here instead
+        # (as DDP's own join hook does); later forwards find it done.
+        if self._buckets_rebuilt:
+            return
+        self._buckets_rebuilt = True
+        reducer = getattr(self.model, "reducer", None)
+        if reducer is not None and not getattr(self.model, "_use_python_reducer", False):
+            reducer._rebuild_buckets()
+
+    def join_reduction(self) -> bool:
+        """A micro-step whose backward would have reduced raised before it: run the collectives the other ranks
+        run in it (the forward's, when this rank's forward did not run, and the backward's bucket all-reduces),
+        with a backward of zeros, so that they do not wait for this rank until the process group's timeout. The
+        window is discarded (on every rank, through the boundary's all-reduce), so what this rank sends is never
+        used. Not where DDP's forward records which parameters it used (``find_unused_parameters``) or its graph
+        (``static_graph``): a backward of zeros would mark those twice.
+        """
+        model = self.model
+        flags = getattr(model, "find_unused_parameters", False) or getattr(model, "static_graph", False)
+        if flags or getattr(model, "_use_python_reducer", False) or not torch.is_grad_enabled():
+            return False
+        ran = self._forwards.value != self._forwards_at_sync
+        params = [p for p in model.parameters() if p.requires_grad]
+        zeros = torch.stack([p.reshape(-1)[:1].sum() * 0.0 for p in params]).sum()  # every parameter, no compute
+        if not ran:  # the peers' forward broadcast buffers (and, once, bucket indices) and armed the reducer
+            model._pre_forward()  # type: ignore[operator]
+            zeros = model._post_forward(zeros)  # type: ignore[operator]
+        zeros.backward()
+        return True
 
     def discard_grads(self, optimizer: torch.optim.Optimizer) -> None:
         super().discard_grads(optimizer)
@@ -110,13 +151,20 @@ class DDPBackend(Backend):
         gradient would double its memory at the boundary. Nothing under ``grad_sync="every"``: reduced already."""
         if self.syncs_in_window:
             return
-        # A rank that ran no micro-step in the short window still joins the all-reduce, with zeros.
-        for param in params:
-            if param.grad is None and param.requires_grad:
+        # A rank that ran no micro-step in the short window still joins the all-reduce, with zeros. A parameter no
+        # rank gave a gradient keeps None, as under DDP's own reduction: a zero would still move it under momentum
+        # or weight decay. Whether each one had a gradient is summed over the ranks first.
+        trainable = [param for param in params if param.requires_grad]
+        had = collectives.sum_over_ranks([float(param.grad is not None) for param in trainable])
+        for param in trainable:
+            if param.grad is None:
                 param.grad = torch.zeros_like(param)
         if self.hook is not None:
             self.hook.reset()  # reduced by hand, not through the hook: the step checks the gradients itself
         self.reduce_tensors(grads_of(params))
+        for param, count in zip(trainable, had, strict=True):
+            if not count:
+                param.grad = None
 
     def reduce_tensors(self, tensors: list[torch.Tensor], factor: float = 1.0) -> None:
         """Average ``tensors`` over the ranks in place and multiply them by ``factor`` (folded into the division),
@@ -147,6 +195,26 @@ def buckets(grads: list[torch.Tensor], cap_bytes: int) -> list[list[torch.Tensor
         runs[-1].append(grad)
         size += nbytes
     return runs
+
+
+class ForwardCount:
+    """Forwards through a DDP module, counted by a forward pre-hook registered once per module."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        self.value += 1
+
+    @classmethod
+    def attach(cls, model: nn.Module) -> ForwardCount:
+        existing = getattr(model, "_distaccum_forward_count", None)
+        if isinstance(existing, ForwardCount):
+            return existing
+        counter = cls()
+        model.register_forward_pre_hook(counter)
+        model._distaccum_forward_count = counter  # type: ignore[assignment]
+        return counter
 
 
 class CheckedAverage:
@@ -190,7 +258,7 @@ class CheckedAverage:
         reduced = done.value()[0]
         found = self._found.get(reduced.device)
         if found is None:
-            found = self._found[reduced.device] = torch.zeros(1, device=reduced.device)
+            found = self._found[reduced.device] = torch.zeros(1, dtype=torch.float32, device=reduced.device)
         inverse = 1.0 / self.world_size
         if reduced.dtype == torch.float64 and float(torch.tensor(inverse, dtype=torch.float32)) != inverse:
             reduced.div_(self.world_size)  # the kernel's fp32 factor would round a float64 gradient

@@ -13,6 +13,7 @@ no multiply, no fill and no node kernel.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 
@@ -24,16 +25,21 @@ def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
-def warn_if_stale(params: Iterable[torch.Tensor]) -> None:
-    """At a run's first micro-step: gradients already in ``param.grad`` would join the first window's sum."""
+def drop_stale(params: Iterable[torch.Tensor]) -> None:
+    """At a run's first micro-step: gradients already in ``param.grad`` are not of the first window's data, so
+    they are dropped (with a warning), and the first step is the real batch's whatever came before."""
+    params = list(params)
     stale = len(grads_of(params))
-    if stale:
-        warnings.warn(
-            f"{stale} parameter(s) already hold a gradient at the first micro-step (a backward outside "
-            "acc.backward, or a loop that stepped without zero_grad): it would be added to the first window's "
-            "gradient. Call optimizer.zero_grad(set_to_none=True) before the first micro-step.",
-            stacklevel=4,
-        )
+    if not stale:
+        return
+    warnings.warn(
+        f"{stale} parameter(s) already held a gradient at the first micro-step (a backward outside acc.backward, or "
+        "a loop that stepped without zero_grad); it is not the first window's and was dropped (set to None) so that "
+        "the first step is the real batch's. Call optimizer.zero_grad(set_to_none=True) before the first micro-step.",
+        stacklevel=5,  # the user's `with acc.micro_step():` line
+    )
+    for param in params:
+        param.grad = None
 
 
 def by_kind(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -42,6 +48,22 @@ def by_kind(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     for grad in grads:
         groups.setdefault((grad.device, grad.dtype), []).append(grad)
     return list(groups.values())
+
+
+def nonfinite_flag(grads: list[torch.Tensor]) -> float | torch.Tensor:
+    """Nonzero where some gradient (of this rank's shard, for a DTensor) holds a NaN/inf: a flag on the gradients'
+    device, to be read with other scalars (0.0 without any gradient)."""
+    found: torch.Tensor | None = None
+    for group in by_kind(grads):
+        local = [getattr(g, "_local_tensor", g) for g in group]  # a DTensor shard: its own elements
+        # A rank's shard is empty where a parameter has fewer rows than ranks, and torch's infinity norm raises on
+        # an empty tensor: such a shard holds nothing to check.
+        local = [shard for shard in local if shard.numel()]
+        if not local:
+            continue
+        flag = torch.stack(torch._foreach_norm(local, math.inf)).sum().isfinite().logical_not()
+        found = flag if found is None else found | flag.to(found.device)
+    return 0.0 if found is None else found
 
 
 def read_is_a_sync(tensor: torch.Tensor) -> bool:

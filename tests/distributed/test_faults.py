@@ -202,7 +202,7 @@ def test_nan_on_one_rank_skips_the_step_on_both_or_raises_on_both():
         assert result["skip"]["skipped_steps"] == 1
         assert all(torch.equal(steps[0][1][k], steps[1][1][k]) for k in steps[0][1])  # step 2 changed nothing
         assert "non-finite gradient at optimizer step 2" in result["raise"]["error"]
-        assert result["raise"]["steps"] == 1
+        assert result["raise"]["steps"] == (2, 1)  # the raised step counts as the skipped step it is
     finals = [result["skip"]["after_step"][-1][1] for result in results]
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # the ranks stay identical
     # Nothing else lost: the same as training on windows 1 and 3 only.

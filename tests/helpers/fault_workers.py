@@ -240,7 +240,7 @@ def nan_on_one_rank(rank: int, world_size: int) -> dict:
                     after_step.append((acc.last_step, _clone(model.module.state_dict())))
             results[mode] = {"after_step": after_step, "skipped_steps": acc.skipped_steps}
         except FloatingPointError as error:
-            results[mode] = {"error": str(error), "steps": acc.optimizer_steps}
+            results[mode] = {"error": str(error), "steps": (acc.optimizer_steps, acc.skipped_steps)}
     return results
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from distaccum import Accumulator, BatchPlan, StepResult
+from distaccum import Accumulator, BatchPlan, BatchSchedule, StepResult
 from tests.helpers.common import loss_fn, make_data, make_model, make_optimizer, max_relative_error, reference_run
 
 MICRO = 4
@@ -433,7 +433,7 @@ def test_gradients_left_before_the_first_micro_step_are_named_with_the_fix():
     loss_fn(model(torch.randn(4, 8)), torch.randn(4, 4)).backward()  # e.g. a warm-up backward, never zeroed
     acc = Accumulator(model, optimizer, BatchPlan(micro_batch_size=4, accum_steps=2, world_size=1))
     with pytest.warns(
-        UserWarning, match=r"6 parameter\(s\) already hold a gradient.*zero_grad\(set_to_none=True\)"
+        UserWarning, match=r"6 parameter\(s\) already held a gradient.*dropped.*zero_grad\(set_to_none=True\)"
     ) as seen:
         with acc.micro_step():
             acc.backward(loss_fn(model(torch.randn(4, 8)), torch.randn(4, 4)))
@@ -448,6 +448,37 @@ def test_gradients_left_before_the_first_micro_step_are_named_with_the_fix():
         warnings.simplefilter("error")
         with fresh.micro_step():
             fresh.backward(loss_fn(model(torch.randn(4, 8)), torch.randn(4, 4)))
+
+
+def _first_step_after_a_stale_gradient(*, through_iterate: bool, num_items: bool, stale: bool):
+    torch.manual_seed(3)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if stale:
+        (model(torch.randn(4, 8)).sum() * 10).backward()  # a leftover gradient, far from the window's
+    acc = Accumulator(model, optimizer, BatchPlan(micro_batch_size=4, accum_steps=2, world_size=1))
+    x, y = make_data(1, 8)
+    batches = list(zip(x[0].split(4), y[0].split(4), strict=True))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for index, (inputs, targets) in enumerate(acc.iterate(batches) if through_iterate else batches):
+            with acc.micro_step():
+                acc.backward(loss_fn(model(inputs), targets), num_items=3 + index if num_items else None)
+    named = [w for w in seen if "already held a gradient" in str(w.message)]
+    return {k: v.clone() for k, v in model.state_dict().items()}, len(named)
+
+
+@pytest.mark.parametrize("through_iterate", [False, True], ids=["loop", "iterate"])
+@pytest.mark.parametrize("num_items", [False, True], ids=["mean", "num_items"])
+def test_a_stale_gradient_is_dropped_with_a_warning_in_every_loop(through_iterate, num_items):
+    # Issue 24, rows 5 and 6: under acc.iterate() nothing warned (its rank agreement skipped the first micro-step's
+    # checks), and with num_items the leftover gradient was multiplied by the window's item factor.
+    clean, _ = _first_step_after_a_stale_gradient(through_iterate=through_iterate, num_items=num_items, stale=False)
+    weights, warned = _first_step_after_a_stale_gradient(
+        through_iterate=through_iterate, num_items=num_items, stale=True
+    )
+    assert warned == 1
+    assert all(torch.equal(weights[k], clean[k]) for k in clean), "the leftover gradient reached the first step"
 
 
 def test_a_wrapper_whose_no_sync_fails_to_enter_leaves_the_accumulator_usable():
@@ -528,3 +559,45 @@ def test_with_clipping_on_the_cpu_the_norm_is_read_at_the_step(monkeypatch):
     # On the CPU a read costs nothing, and joining the norm to the scalars cost 33 us per step (one process, tiny
     # model, `distaccum bench --overhead`): there it is computed at the step, after the one read of the scalars.
     assert _norm_and_reads(monkeypatch) == ["read", "norm"] * 3
+
+
+def test_a_float64_default_dtype_trains_equal_to_the_real_batch(monkeypatch):
+    # Issue 24, row 1: torch.set_default_dtype(torch.float64) crashed the first step (the non-finite check's flag
+    # buffers took the default dtype, and GradScaler's kernel takes float32 only).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        reference, _ = reference_run("adam", 3, 2 * MICRO, torch.float64)
+        model = make_model(torch.float64)
+        optimizer = make_optimizer("adam", model.parameters())
+        acc = Accumulator(model, optimizer, BatchPlan(accum_steps=2, micro_batch_size=MICRO))
+        x, y = make_data(3, 2 * MICRO, torch.float64)
+        for step in range(3):
+            for inputs, targets in zip(x[step].split(MICRO), y[step].split(MICRO), strict=True):
+                with acc.micro_step():
+                    acc.backward(loss_fn(model(inputs), targets), num_items=MICRO)  # a factor != 1 as well
+        assert acc.optimizer_steps == 3
+        assert max_relative_error(model.state_dict(), reference) < 1e-12
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_a_raised_nonfinite_step_counts_its_samples_like_a_skipped_one():
+    # Issue 24, row 4: with on_nonfinite="raise" the raised window's samples were never counted, so a BatchSchedule
+    # (and any LR keyed on samples) lagged one window behind the data.
+    counts = {}
+    for policy in ("skip", "raise"):
+        model = make_model()
+        optimizer = make_optimizer("sgd", model.parameters())
+        schedule = BatchSchedule(micro_batch_size=MICRO, stages=[(0, 2 * MICRO), (2 * MICRO, 4 * MICRO)], world_size=1)
+        acc = Accumulator(model, optimizer, schedule, on_nonfinite=policy)
+        x, y = make_data(1, 2 * MICRO)
+        try:
+            for index, (inputs, targets) in enumerate(zip(x[0].split(MICRO), y[0].split(MICRO), strict=True)):
+                with acc.micro_step():
+                    acc.backward(loss_fn(model(inputs), targets) * (float("nan") if index else 1.0))
+        except FloatingPointError:
+            assert policy == "raise"
+        counts[policy] = (acc.consumed_samples, acc.optimizer_steps, acc.skipped_steps, acc.last_step.skipped)
+        counts[policy] += (acc.plan.accum_steps,)
+    assert counts["raise"] == counts["skip"] == (2 * MICRO, 1, 1, True, 4)

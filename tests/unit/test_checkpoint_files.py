@@ -233,3 +233,39 @@ def test_a_crafted_sharded_metadata_is_refused_before_dcp_unpickles_it(tmp_path:
     with pytest.raises(ValueError, match=r"\.metadata holds objects other than checkpoint metadata"):
         checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc)
     assert not marker.exists(), "the pickle ran code"
+
+
+def _format_2_mid_window(directory: Path) -> Path:
+    """A mid-window checkpoint as distaccum wrote it before format 3: the gradients file holds the list only."""
+    model, optimizer, acc = trained(1)
+    x, y = make_data(1, MICRO, seed=7)
+    with acc.micro_step():
+        acc.backward(loss_fn(model(x[0]), y[0]), num_items=MICRO)
+    path = checkpoint.save(directory, model=model, optimizer=optimizer, accumulator=acc, include_grads=True)
+    grads_file = path / "grads-rank00000.pt"
+    torch.save(torch.load(grads_file, weights_only=True)["grads"], grads_file)
+    meta = json.loads((path / files.META).read_text())
+    meta["format"], meta["files"][grads_file.name] = 2, files._sha256(grads_file)
+    (path / files.META).write_text(json.dumps(meta))
+    return path
+
+
+def test_a_format_2_mid_window_checkpoint_of_one_rank_still_loads(tmp_path: Path) -> None:
+    path = _format_2_mid_window(tmp_path)
+    model = make_model(seed=5)
+    acc = Accumulator(
+        model, make_optimizer("sgd", model.parameters()), BatchPlan(accum_steps=2, micro_batch_size=MICRO)
+    )
+    checkpoint.load(tmp_path, model=model, optimizer=acc.optimizer, accumulator=acc)
+    assert acc.micro_step_in_window == 1 and all(p.grad is not None for p in model.parameters())
+    assert acc._window.items == MICRO and path.name == "step-00000001-micro-0001"
+
+
+def test_a_format_2_mid_window_checkpoint_of_several_ranks_is_refused_with_num_items(tmp_path: Path) -> None:
+    path = _format_2_mid_window(tmp_path)
+    saved = files.safe_load(path / "state.pt")["accumulator"]
+    meta = {"grads_world_size": 2}
+    with pytest.raises(ValueError, match=r"with num_items on 2 ranks by a distaccum that saved rank 0's window item"):
+        files.rank_state(path, meta, saved, 2, 0)
+    with pytest.warns(UserWarning, match=r"the weights resume exactly, but last_step.loss of this step counts rank 0"):
+        files.rank_state(path, meta, {**saved, "window_mode": "mean"}, 2, 0)

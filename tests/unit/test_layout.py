@@ -18,8 +18,15 @@ LAYERS = (
     ("distaccum.plan",),
     ("distaccum.schedule",),
     ("distaccum.batchnorm", "distaccum.noise"),
-    ("distaccum.collectives", "distaccum.weighting", "distaccum.backends", "distaccum.integrations"),
-    ("distaccum.checkpoint_files", "distaccum.checkpoint_engine"),
+    (
+        "distaccum.collectives",
+        "distaccum.weighting",
+        "distaccum.backends",
+        "distaccum.integrations",
+        "distaccum.guards",
+    ),
+    ("distaccum.micro_step",),
+    ("distaccum.checkpoint_files", "distaccum.checkpoint_engine", "distaccum.checkpoint_sharded"),
     (
         "distaccum.uneven",
         "distaccum.resize",

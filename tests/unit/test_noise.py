@@ -84,3 +84,22 @@ def test_two_ranks_average_their_small_readings_and_agree():
     results = run_ranks(workers.measure, 100, 4, 4, 0.98, world_size=2, timeout_s=180)
     assert results[0] == results[1]  # every rank reports the same estimate
     assert abs(results[0][-1] / exact - 1) <= 0.2, (results[0][-1], exact)
+
+
+def test_a_mid_window_state_keeps_the_windows_small_batch_reading():
+    plan = BatchPlan(micro_batch_size=4, accum_steps=4, world_size=1)
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(4, 8, generator=generator), torch.randn(4, 4, generator=generator) + 1) for _ in range(8)]
+    estimates = []
+    for resume in (False, True):
+        model = make_model()
+        acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), plan, noise_scale=0.5)
+        for index, (x, y) in enumerate(batches):
+            if resume and index == 6:  # mid-window (micro-step 2 of 4): the reading was taken at micro-step 0
+                state = acc.state_dict(include_grads=True)
+                acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), plan, noise_scale=0.5)
+                acc.load_state_dict(state)
+            with acc.micro_step():
+                acc.backward(loss_fn(model(x), y))
+        estimates.append(acc.last_step.noise_scale)
+    assert estimates[0] is not None and estimates[1] == estimates[0]
