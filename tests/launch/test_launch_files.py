@@ -22,6 +22,9 @@ LAUNCH = ROOT / "launch"
 # (tests/integrations/test_deepspeed.py); dev.sh is what CI runs.
 EXERCISED = {
     "README.md": "test_launch_readme_maps_every_file",
+    "soak_combinations.sh": (
+        "tests/unit/test_combinations.py::test_the_soak_script_runs_the_sampled_tests_with_its_knobs"
+    ),
     "torchrun.sh": "test_torchrun_sh_two_processes_then_resume",
     "torchrun_multinode.sh": "test_torchrun_multinode_sh_two_nodes_on_loopback",
     "slurm.sbatch": "test_slurm_sbatch_dry_run",
