@@ -746,6 +746,31 @@ def _files_on_fsdp(config: Config) -> bool:
 
 KNOWN_FAILING: tuple[KnownFailure, ...] = (
     KnownFailure(
+        name="bf16-items-partly-used-branch-adam",
+        row="found by the harness (soak seed 2, not resolved): bf16 with num_items, a branch used on some "
+        "micro-batches only, Adam/AdamW: 0.14-0.16 of the training change from the float64 truth, where the bf16 "
+        "real batch (one backward, or one per micro-batch) is 0.026 (fp32 and float64 of the same configuration are "
+        "exact). Suspected: each micro-step's item weight n / (c * k) seeds a bf16 backward, rounded to 8 bits, and "
+        "Adam amplifies the branch's one-micro-batch gradient error",
+        matches=lambda c, w: c.dtype == "bf16" and c.items and c.unused != "none" and c.optimizer in ("adam", "adamw"),
+        example=Config(
+            dtype="bf16",
+            optimizer="adam",
+            groups=True,
+            unused="some",
+            out_features=1,
+            micro_batch_size=3,
+            items=True,
+            empty_micro_batch=True,
+            report_grad_norm=True,
+            batch_schedule=True,
+            grad_sync="boundary",
+            accumulate_dtype="float32",
+            seed=61831,
+        ),
+        world_size=1,
+    ),
+    KnownFailure(
         name="fsdp1-checkpoint-files-empty-shard",
         row="found by the harness (checkpoint row, like 3): distaccum.checkpoint.load on FSDP1 when a parameter "
         "has fewer rows than ranks",
