@@ -228,6 +228,8 @@ class Accumulator(AccumulatorState):
         count = None if num_items is None else guards.item_count(num_items)
         if window.position:
             self._guards.window_grads.check(self.optimizer)
+        if self._boundary_now:  # before the reducing backward: a rank that raises here joins it (no hang)
+            self._guards.scheduler.check()
         self._backward_begun = True  # from here on collectives may be in flight: no joining them after a failure
         if not self._auto and window.needs_item_agreement(count):
             # First backward of a run: ranks agree on giving num_items (a rank without it fails here, on every
@@ -263,7 +265,6 @@ class Accumulator(AccumulatorState):
                 (self._fp32 or self._backend).discard_grads(self.optimizer)
                 self._use(self._plans.use_micro_batch_size(resize.shrink(self), self.optimizer_steps))
                 return
-            self._guards.scheduler.check()
             factor = 1.0 if window.skip else window.factor
             if self._fp32 is not None:  # float32 sums of bf16/fp16 gradients: reduced by hand, rounded once
                 factor = self._fp32.finish(params, factor, window.before_reduction, skip=window.skip)

@@ -4,8 +4,9 @@ At construction (before any work): a scheduler that cannot be stepped once per o
 (``ReduceLROnPlateau``), and an optimizer that is not over the model's parameters (the weights would never move,
 or, on several ranks, parameters outside the wrapper would never be averaged).
 
-At the ranks' start-up agreement: the options and the optimizer's hyperparameters, as fingerprints in the same
-all-gather as the plan (:func:`setup_fingerprints`); ranks built differently would train replicas that drift apart.
+At the ranks' start-up agreement: the options and the optimizer's hyperparameters (:func:`describe_setup`), as one
+fingerprint in the same all-gather as the plan (:func:`distaccum.collectives.check_plan_agreement`); ranks built
+differently would train replicas that drift apart.
 
 In use: a loss that is not a scalar tensor with a gradient, a ``num_items`` that is not a count; a call of
 ``optimizer.step()`` inside a window (:class:`StepGuard`, an optimizer step pre-hook); gradients changed between
@@ -98,7 +99,8 @@ def item_count(num_items: int | torch.Tensor) -> int:
     """``num_items`` as a Python int.
 
     Raises:
-        ValueError: negative or not a whole number.
+        TypeError: not a number or a tensor (a bool too).
+        ValueError: a tensor of other than one element, negative, or not a whole number.
     """
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real | torch.Tensor):
         raise TypeError(

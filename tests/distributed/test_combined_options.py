@@ -296,3 +296,33 @@ def test_a_sharded_save_that_torch_would_restore_with_a_made_up_step_is_refused_
     for message in run_ranks(save_with_a_stateless_parameter, str(tmp_path), timeout_s=90):
         assert message.startswith("checkpoint.save of the sharded FSDPWithBranch: the optimizer holds state for 2")
         assert "have had no gradient in any step yet" in message
+
+
+def scheduler_stepped_on_one_rank(rank: int, world_size: int) -> dict:
+    model = wrap(make_model(), "ddp", world_size)
+    optimizer = make_optimizer("sgd", model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    acc = Accumulator(model, optimizer, BatchPlan(micro_batch_size=MICRO, accum_steps=ACCUM), scheduler=scheduler)
+    inputs, targets = make_data(STEPS, MICRO * ACCUM * world_size)
+    errors = []
+    for step in range(STEPS):
+        for index, (x, y) in enumerate(rank_micro_batches(inputs[step], targets[step], rank, world_size, MICRO)):
+            if rank == 1 and (step, index) == (1, 0):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch's "lr_scheduler.step() before optimizer.step()"
+                    scheduler.step()  # the loop steps it too, on one rank
+            try:
+                with acc.micro_step():
+                    acc.backward(loss_fn(model(x), y))
+            except RuntimeError as error:
+                errors.append(str(error))
+    return {"errors": errors, "steps": acc.optimizer_steps, "skipped": acc.skipped_steps}
+
+
+def test_a_scheduler_stepped_by_one_ranks_loop_is_named_there_without_hanging_the_other():
+    # The check runs before the boundary's reducing backward, so the rank that raises joins that reduction.
+    ranks = run_ranks(scheduler_stepped_on_one_rank, timeout_s=90)
+    assert ranks[0]["errors"] == []
+    assert len(ranks[1]["errors"]) == 1 and "stepped outside it" in ranks[1]["errors"][0]
+    for result in ranks:
+        assert (result["steps"], result["skipped"]) == (STEPS, 1)

@@ -211,6 +211,7 @@ def lr_survey(
 
     Example:
         >>> from distaccum.tools.survey import stream_batches
+        >>> _ = torch.manual_seed(0)  # the same data and model whatever ran before (a curve may diverge early)
         >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
         >>> result = lr_survey(
         ...     lambda: nn.Linear(4, 1), lambda p: torch.optim.SGD(p, lr=0.0), nn.functional.mse_loss,
