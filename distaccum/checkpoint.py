@@ -277,9 +277,9 @@ def load(
     if sharded:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        files.check_sharded_metadata(path / _SHARDED)
+        reader, planner = sharded_files.loading(path / _SHARDED)  # refuses a crafted .metadata, running nothing
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        files.check_sharded_fits(path / _SHARDED, model_state)
+        sharded_files.check_fits(path / _SHARDED, model_state)
     elif layout != "engine":
         files.check_fits(path, state["model"], unwrap(model), state["optimizer"], optimizer)
     accumulator.load_state_dict(accumulator_state)
@@ -288,7 +288,7 @@ def load(
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         both: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(both, checkpoint_id=path / _SHARDED)  # in place, resharded to this job's layout
+        dcp.load(both, storage_reader=reader, planner=planner)  # in place, resharded to this job's layout
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
         sharded_files.after_load(optimizer, meta)
     elif layout == "engine":
@@ -332,6 +332,11 @@ def _check_kind(
         raise ValueError(
             f"checkpoint {path} holds a replicated model's state but model is a sharded {type(model).__name__}; "
             "resume it with the plain or DDP model that saved it"
+        )
+    if meta.get("sharded") and layout != "sharded":  # nothing of its sharded/ folder is read for such a model
+        raise ValueError(
+            f"checkpoint {path} holds a sharded (FSDP) model's state but model is a {layout} "
+            f"{type(model).__name__}; resume it with the FSDP model that saved it"
         )
     saved_by = meta.get("engine_world_size")
     if (saved_by is not None) != (layout == "engine"):

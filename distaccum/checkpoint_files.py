@@ -15,7 +15,8 @@ happens to the job or the disk, a load either gets a complete, intact checkpoint
   naming the file, in favour of the previous one; when none is intact, loading raises instead of starting over.
 * **Safe loading.** Every file is read with ``torch.load(weights_only=True)``: tensors and plain data only. A
   file that holds anything else (a crafted pickle) is refused without running it. ``data_state`` must be plain
-  data for the same reason, checked when it is saved.
+  data for the same reason, checked when it is saved. A sharded checkpoint's ``.metadata`` and non-tensor entries
+  are read by :mod:`distaccum.checkpoint_sharded` (exact globals, ``weights_only``), only for a sharded model.
 """
 
 from __future__ import annotations
@@ -153,28 +154,6 @@ def _old_window(path: Path, saved: dict[str, Any], world_size: int) -> None:
     )
 
 
-def check_sharded_fits(directory: Path, model_state: dict[str, Any]) -> None:
-    """Refuse a ``torch.distributed.checkpoint`` directory whose model tensors do not have this model's (global)
-    shapes, before any load (after :func:`check_sharded_metadata`).
-
-    Raises:
-        ValueError: names the first tensor that is missing there or has another shape.
-    """
-    import torch.distributed.checkpoint as dcp
-
-    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-    for name, value in model_state.items():
-        entry = saved.get(f"model.{name}")
-        size = getattr(entry, "size", None)
-        if isinstance(value, torch.Tensor) and (entry is None or (size is not None and tuple(size) != value.shape)):
-            there = "missing" if entry is None else f"shape {tuple(size or ())}"
-            raise ValueError(
-                f"checkpoint {directory.parent} does not fit this model: {name} is {there} there and has shape "
-                f"{tuple(value.shape)} here. A checkpoint loads into the model built as for the run that saved it; "
-                "nothing was loaded. Build it as that run did."
-            )
-
-
 def complete(root: Path) -> list[Entry]:
     """Every complete checkpoint in ``root`` (one with a readable meta.json), oldest first."""
     entries = []
@@ -268,50 +247,6 @@ def safe_load(path: Path) -> Any:
             f"checkpoint file {path} holds objects other than tensors and plain data, which could run code when "
             "loaded; it was refused without loading them. Load only checkpoints you wrote, and keep data_state "
             f"to numbers, strings, lists, dicts and tensors. ({str(error).splitlines()[0]})"
-        ) from None
-
-
-_METADATA_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("torch.serialization", "_get_layout"),  # maps a layout's name back to torch.strided & co.
-    ("pathlib", "PosixPath"),  # the checkpoint_id DCP records
-    ("pathlib", "WindowsPath"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    # torch.distributed.checkpoint reads its .metadata with a bare pickle.load: let through only what its
-    # metadata is made of (its own dataclasses, torch dtypes/layouts/sizes, plain containers).
-    def find_class(self, module: str, name: str) -> Any:
-        torch_value = getattr(torch, name, None) if module == "torch" else None
-        allowed = (
-            module.startswith("torch.distributed.checkpoint.")
-            or isinstance(torch_value, torch.dtype | torch.layout | torch.memory_format)
-            or (module == "torch" and name == "Size")
-            or (module, name) in _METADATA_GLOBALS
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
-        return super().find_class(module, name)
-
-
-def check_sharded_metadata(directory: Path) -> None:
-    """Refuse a ``torch.distributed.checkpoint`` directory whose ``.metadata`` pickle names anything but
-    checkpoint metadata, before DCP's own ``pickle.load`` would run it.
-
-    Raises:
-        ValueError: the file names another global; nothing was run.
-    """
-    path = directory / ".metadata"
-    try:
-        with path.open("rb") as file:
-            _MetadataUnpickler(file).load()
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"checkpoint file {path} holds objects other than checkpoint metadata, which could run code when "
-            f"loaded; it was refused without loading them. ({error})"
         ) from None
 
 

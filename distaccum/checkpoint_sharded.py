@@ -15,10 +15,19 @@ ranks, so a rank that sees nothing wrong does not wait in the save's collectives
 
 Not handled (the harness keeps it as a known failure): FSDP1 with a parameter of fewer rows than ranks, whose
 checkpoint does not load back (``Missing key in checkpoint state_dict: optimizer.param_groups``).
+
+Nothing of a sharded checkpoint goes through a full unpickler. DCP reads its ``.metadata`` with a bare
+``pickle.load`` and the non-tensor entries (the optimizer's param groups) with ``torch.load(weights_only=False)``:
+distaccum hands ``dcp.load`` a reader whose metadata it has unpickled itself, once, admitting exact (module, name)
+pairs of DCP's metadata classes and torch's dtypes (:func:`read_metadata`: no dotted name, no module prefix), and a
+planner that loads those entries with ``weights_only=True`` (:func:`loading`).
 """
 
 from __future__ import annotations
 
+import io
+import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,3 +82,113 @@ def after_load(optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
     """Leave an optimizer that was saved without state without state (the load initialized it)."""
     if meta.get(EMPTY_OPTIMIZER):
         optimizer.state.clear()
+
+
+_DCP = "torch.distributed.checkpoint"
+METADATA_GLOBALS = frozenset(
+    {
+        *(
+            (f"{_DCP}.metadata", name)
+            for name in (
+                "Metadata",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "ChunkStorageMetadata",
+                "TensorProperties",
+                "MetadataIndex",
+                "StorageMeta",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        (f"{_DCP}.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # maps a layout's name back to torch.strided & co.
+        ("pathlib", "PosixPath"),  # the checkpoint_id DCP records
+        ("pathlib", "WindowsPath"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+    }
+)
+"""What a ``.metadata`` pickle may name, exactly (and torch's dtypes, layouts and memory formats by their name)."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        # Dotted names are resolved attribute by attribute from the module (protocol 4+): refused outright, so that
+        # no allowed module leads anywhere it imported.
+        simple = "." not in name
+        torch_value = getattr(torch, name, None) if module == "torch" and simple else None
+        kinds = torch.dtype | torch.layout | torch.memory_format
+        if not simple or not (isinstance(torch_value, kinds) or (module, name) in METADATA_GLOBALS):
+            raise pickle.UnpicklingError(f"global '{module}' '{name}' is not allowed in checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def read_metadata(directory: Path) -> Any:
+    """The ``.metadata`` of a DCP checkpoint, unpickled with :data:`METADATA_GLOBALS` only.
+
+    Raises:
+        ValueError: the file names another global (nothing was run), or does not hold DCP metadata.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = directory / ".metadata"
+    try:
+        with path.open("rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint file {path} holds objects other than checkpoint metadata, which could run code when "
+            f"loaded; it was refused without loading them. ({error})"
+        ) from None
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"checkpoint file {path} holds a {type(metadata).__name__}, not checkpoint metadata")
+    return metadata
+
+
+def loading(directory: Path) -> tuple[Any, Any]:
+    """A storage reader and a load planner for ``dcp.load`` of ``directory`` that never unpickle in full: the
+    reader returns :func:`read_metadata`'s, the planner reads non-tensor entries with ``weights_only=True``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    metadata = read_metadata(directory)
+
+    class CheckedReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            loaded = torch.load(value, weights_only=True)  # DCP's own planner: weights_only=False
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return CheckedReader(str(directory)), WeightsOnlyPlanner()
+
+
+def check_fits(directory: Path, model_state: dict[str, Any]) -> None:
+    """Refuse a DCP checkpoint whose model tensors do not have this model's (global) shapes, before any load.
+
+    Raises:
+        ValueError: names the first tensor that is missing there or has another shape.
+    """
+    saved = read_metadata(directory).state_dict_metadata
+    for name, value in model_state.items():
+        entry = saved.get(f"model.{name}")
+        size = getattr(entry, "size", None)
+        if isinstance(value, torch.Tensor) and (entry is None or (size is not None and tuple(size) != value.shape)):
+            there = "missing" if entry is None else f"shape {tuple(size or ())}"
+            raise ValueError(
+                f"checkpoint {directory.parent} does not fit this model: {name} is {there} there and has shape "
+                f"{tuple(value.shape)} here. A checkpoint loads into the model built as for the run that saved it; "
+                "nothing was loaded. Build it as that run did."
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import pickle
@@ -17,6 +18,7 @@ import torch
 
 from distaccum import Accumulator, BatchPlan, checkpoint
 from distaccum import checkpoint_files as files
+from distaccum import checkpoint_sharded as sharded_files
 from tests.helpers.common import loss_fn, make_data, make_model, make_optimizer
 
 MICRO = 4
@@ -222,7 +224,7 @@ def test_a_crafted_sharded_metadata_is_refused_before_dcp_unpickles_it(tmp_path:
     directory = tmp_path / "ckpt"
     checkpoint.save(directory, model=model, optimizer=optimizer, accumulator=acc)
     final = directory / "step-00000000"
-    files.check_sharded_metadata(final / "sharded")  # DCP's real metadata passes
+    sharded_files.read_metadata(final / "sharded")  # DCP's real metadata passes
     assert checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc) == {}
     marker = tmp_path / "pwned"
     with (final / "sharded" / ".metadata").open("wb") as file:
@@ -232,6 +234,106 @@ def test_a_crafted_sharded_metadata_is_refused_before_dcp_unpickles_it(tmp_path:
     (final / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"\.metadata holds objects other than checkpoint metadata"):
         checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc)
+    assert not marker.exists(), "the pickle ran code"
+
+
+def _dotted_global_pickle(marker: Path) -> bytes:
+    """Protocol 4: STACK_GLOBAL of a module the old allowlist admitted by prefix and the dotted name ``os.system``
+    (resolved attribute by attribute from that module), called on ``touch marker`` (issue 25, attack 1)."""
+
+    def text(value: str) -> bytes:
+        data = value.encode()
+        return b"\x8c" + bytes([len(data)]) + data
+
+    module, name, command = "torch.distributed.checkpoint.filesystem", "os.system", f"touch {marker}"
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(command) + b"\x85" + b"R" + b"."
+
+
+def _reseal(final: Path, relative: str) -> None:
+    meta = json.loads((final / "meta.json").read_text())
+    meta["files"][relative] = files._sha256(final / relative)
+    (final / "meta.json").write_text(json.dumps(meta))
+
+
+def _one_rank_fsdp2(tmp_path: Path):
+    import torch.distributed as torch_dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    model = fully_shard(make_model(), mesh=init_device_mesh("cpu", (1,)))
+    optimizer = make_optimizer("adam", model.parameters())
+    return model, optimizer, Accumulator(model, optimizer, BatchPlan(accum_steps=2, micro_batch_size=MICRO))
+
+
+def _trained_fsdp2_checkpoint(tmp_path: Path) -> tuple[tuple, Path, Path]:
+    model, optimizer, acc = _one_rank_fsdp2(tmp_path)
+    x, y = make_data(1, MICRO)
+    for _ in range(2):
+        with acc.micro_step():
+            acc.backward(loss_fn(model(x[0]), y[0]))
+    directory = tmp_path / "ckpt"
+    checkpoint.save(directory, model=model, optimizer=optimizer, accumulator=acc)
+    return (model, optimizer, acc), directory, directory / "step-00000001"
+
+
+def test_a_dotted_global_in_sharded_metadata_runs_nothing(tmp_path: Path) -> None:
+    # Issue 25, attack 1: the allowlist admitted any global whose module started with torch.distributed.checkpoint.,
+    # and the unpickler followed the dotted name from there to os.system: it ran on load.
+    (model, optimizer, acc), directory, final = _trained_fsdp2_checkpoint(tmp_path)
+    marker = tmp_path / "pwned"
+    (final / "sharded" / ".metadata").write_bytes(_dotted_global_pickle(marker))
+    _reseal(final, "sharded/.metadata")
+    with pytest.raises(ValueError, match=r"\.metadata holds objects other than checkpoint metadata.*not allowed"):
+        checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc)
+    assert not marker.exists(), "the pickle ran code"
+
+
+def test_a_sharded_checkpoint_meeting_a_plain_model_reads_nothing_of_its_shards(tmp_path: Path) -> None:
+    # Issue 25, attack 1 as reported: a plain model, meta.json saying "sharded": the sharded check ran anyway.
+    model, optimizer, acc = trained(1)
+    directory = tmp_path / "ckpt"
+    checkpoint.save(directory, model=model, optimizer=optimizer, accumulator=acc)
+    final = next(directory.glob("step-*"))
+    marker = tmp_path / "pwned"
+    (final / "sharded").mkdir()
+    (final / "sharded" / ".metadata").write_bytes(_dotted_global_pickle(marker))
+    meta = json.loads((final / "meta.json").read_text())
+    meta["sharded"] = True
+    (final / "meta.json").write_text(json.dumps(meta))
+    _reseal(final, "sharded/.metadata")
+    with pytest.raises(ValueError, match=r"holds a sharded \(FSDP\) model's state but model is a replicated"):
+        checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc)
+    assert not marker.exists(), "the pickle ran code"
+
+
+def test_a_crafted_non_tensor_entry_of_a_sharded_checkpoint_runs_nothing(tmp_path: Path) -> None:
+    # DCP loads the non-tensor entries (the optimizer's param groups) with torch.load(weights_only=False).
+    _, directory, final = _trained_fsdp2_checkpoint(tmp_path)
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    metadata = sharded_files.read_metadata(final / "sharded")  # our own checkpoint's: safe to rewrite
+    index = next(i for i, meta in metadata.state_dict_metadata.items() if i.endswith(".lr"))
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save(_Exploit(str(marker)), buffer)  # as DCP writes a non-tensor entry: torch.save's format
+    payload = buffer.getvalue()
+    storage = next(key for key in metadata.storage_data if key.fqn == index)
+    data_file = final / "sharded" / metadata.storage_data[storage].relative_path
+    offset = data_file.stat().st_size
+    with data_file.open("ab") as file:
+        file.write(payload)
+    metadata.storage_data[storage] = _StorageInfo(data_file.name, offset, len(payload))
+    with (final / "sharded" / ".metadata").open("wb") as file:
+        pickle.dump(metadata, file)
+    _reseal(final, "sharded/.metadata")
+    _reseal(final, f"sharded/{data_file.name}")
+    fresh = _one_rank_fsdp2(tmp_path)
+    with pytest.raises(BaseException) as raised:  # DCP wraps it per rank in a CheckpointException (a BaseException)
+        checkpoint.load(directory, model=fresh[0], optimizer=fresh[1], accumulator=fresh[2])
+    causes = getattr(raised.value, "failures", {0: raised.value})
+    assert any("Weights only load failed" in str(cause) for cause in causes.values()), causes
     assert not marker.exists(), "the pickle ran code"
 
 
