@@ -155,15 +155,37 @@ def _old_window(path: Path, saved: dict[str, Any], world_size: int) -> None:
 
 
 def complete(root: Path) -> list[Entry]:
-    """Every complete checkpoint in ``root`` (one with a readable meta.json), oldest first."""
+    """Every complete checkpoint in ``root`` (one with a readable, well-formed meta.json), oldest first; one whose
+    meta.json is malformed is skipped with a warning (it must not stop ``load`` or ``save`` of the others)."""
     entries = []
     for path in root.glob("*step-*") if root.is_dir() else []:
         if path.name.startswith(("step-", ".replaced-step-")):
             try:
-                entries.append(Entry(path, json.loads((path / META).read_text())))
+                meta = json.loads((path / META).read_text())
             except (OSError, ValueError):
                 continue  # a checkpoint killed before its meta.json was written is not one
+            problem = _malformed(meta)
+            if problem is not None:
+                warnings.warn(f"checkpoint {path} is damaged ({META}: {problem}); skipping it", stacklevel=3)
+                continue
+            entries.append(Entry(path, meta))
     return sorted(entries, key=lambda entry: entry.order)
+
+
+def _malformed(meta: Any) -> str | None:
+    """What is wrong with the shape of a meta.json (None: the fields distaccum reads have their types)."""
+    if not isinstance(meta, dict):
+        return f"a {type(meta).__name__}, not an object"
+    for field in ("step", "serial", "micro_step"):
+        value = meta.get(field, None if field == "step" else 0)  # step is always written; the others since format 2
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{field} is {value!r}, not a count"
+    if not isinstance(meta.get("plan", {}), dict):
+        return "plan is not an object"
+    listed = meta.get("files", {})
+    if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+        return "files is not a mapping of file names to sha256 digests"
+    return None
 
 
 def candidates(root: Path) -> list[Entry]:

@@ -337,6 +337,26 @@ def test_a_crafted_non_tensor_entry_of_a_sharded_checkpoint_runs_nothing(tmp_pat
     assert not marker.exists(), "the pickle ran code"
 
 
+@pytest.mark.parametrize(
+    "planted",
+    [{"serial": "x", "step": 9}, {"serial": 99, "step": -1}, [1, 2], {"serial": 99, "step": 9, "files": ["a"]}],
+    ids=["serial-text", "negative-step", "a-list", "files-list"],
+)
+def test_a_malformed_meta_json_is_skipped_and_never_stops_load_or_save(tmp_path: Path, planted) -> None:
+    # Issue 25, attack 7: one planted meta.json with "serial": "x" made both load and save of the intact run crash.
+    model, optimizer, acc = trained(1)
+    directory = tmp_path / "ckpt"
+    checkpoint.save(directory, model=model, optimizer=optimizer, accumulator=acc)
+    planted_dir = directory / "step-00000009"
+    planted_dir.mkdir()
+    (planted_dir / "meta.json").write_text(json.dumps(planted))
+    with pytest.warns(UserWarning, match=r"step-00000009 is damaged \(meta.json: .*\); skipping it"):
+        assert checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc) == {}
+    with pytest.warns(UserWarning, match=r"step-00000009 is damaged"):
+        saved = checkpoint.save(directory, model=model, optimizer=optimizer, accumulator=acc)
+    assert saved.name == "step-00000001" and (saved / "meta.json").is_file()
+
+
 def _format_2_mid_window(directory: Path) -> Path:
     """A mid-window checkpoint as distaccum wrote it before format 3: the gradients file holds the list only."""
     model, optimizer, acc = trained(1)
