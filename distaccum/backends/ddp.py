@@ -112,12 +112,15 @@ class DDPBackend(Backend):
         # that forward: a rank whose data ended (flush() of a short window) would meet it with the flush's
         # all-reduce and hang both. At the boundary every rank is in step, so the rebuild happens here instead
         # (as DDP's own join hook does); later forwards find it done.
+        # Until it has happened: a first window stepped by flush() ran no synced backward yet, and DDP's check that
+        # finds nothing to rebuild runs no collective.
         if self._buckets_rebuilt:
             return
-        self._buckets_rebuilt = True
         reducer = getattr(self.model, "reducer", None)
-        if reducer is not None and not getattr(self.model, "_use_python_reducer", False):
-            reducer._rebuild_buckets()
+        if reducer is None or getattr(self.model, "_use_python_reducer", False):
+            self._buckets_rebuilt = True
+            return
+        self._buckets_rebuilt = bool(reducer._rebuild_buckets())
 
     def join_reduction(self) -> bool:
         """A micro-step whose backward would have reduced raised before it: run the collectives the other ranks
