@@ -8,10 +8,12 @@ Layout of a checkpoint ``directory``::
                                 rank's gradients and its own open-window state (item count, loss sum, ...)
     step-00000012/sharded/      FSDP models: model and optimizer in torch.distributed.checkpoint format
 
-A checkpoint is written under a temporary name, sealed with the sha256 of its files, renamed when complete, and
-only then named in ``latest``, so a job killed at any moment leaves a complete checkpoint; :func:`load` skips a
-damaged one (with a warning) for the previous, and reads tensors and plain data only
-(:mod:`distaccum.checkpoint_files`). Replicated models
+A checkpoint is written under a temporary name, sealed with the sha256 and size of its files, renamed when complete,
+flushed to the disk, and only then named in ``latest``, so a job killed (or a machine losing power) at any moment
+leaves a complete checkpoint; :func:`load` skips a damaged one (with a warning) for the previous
+(:mod:`distaccum.checkpoint_files`). Whatever a directory someone else controls holds, loading runs no code, reads
+nothing outside the checkpoint and stays bounded in memory and time; ``key=`` adds authenticity. The threat model
+is in :mod:`distaccum.checkpoint_trust`. Replicated models
 (a plain module, ``DistributedDataParallel``, an Accelerate-prepared DDP) hold the same state on every rank
 at a window boundary: rank 0 writes, every rank reads (the directory must be on a filesystem all nodes
 share). Sharded models (FSDP1, FSDP2) are written by every rank with ``torch.distributed.checkpoint``, which
@@ -43,7 +45,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -56,7 +57,9 @@ from torch import nn
 from distaccum import backends, dist
 from distaccum import checkpoint_engine as engine_files
 from distaccum import checkpoint_files as files
+from distaccum import checkpoint_fit as fit
 from distaccum import checkpoint_sharded as sharded_files
+from distaccum import checkpoint_trust as trust
 from distaccum.accumulator import Accumulator
 from distaccum.plan import BatchPlan
 
@@ -98,19 +101,24 @@ def latest(directory: str | os.PathLike[str]) -> Path | None:
     return found[0].path if found else None
 
 
-def resume_plan(directory: str | os.PathLike[str], world_size: int | None = None) -> BatchPlan | None:
-    """The newest checkpoint's plan re-planned for ``world_size`` (default: this job's), or None without one.
+def resume_plan(
+    directory: str | os.PathLike[str], world_size: int | None = None, *, key: bytes | str | None = None
+) -> BatchPlan | None:
+    """The plan of the checkpoint :func:`load` would restore, re-planned for ``world_size`` (default: this job's),
+    or None without one. ``key`` as for :func:`load`.
 
     Build the :class:`~distaccum.Accumulator` with it to resume on another number of ranks (elastic restart).
 
     Raises:
         ValueError: the checkpoint's global batch cannot be split over ``world_size`` ranks of its micro batch
-            size (the message lists the world sizes that can resume it); ``directory`` is a file or one checkpoint.
+            size (the message lists the world sizes that can resume it); ``directory`` is a file or one checkpoint;
+            no checkpoint is intact.
     """
-    path = latest(directory)
-    if path is None:
+    found = files.candidates(files.checkpoint_root(directory))
+    if not found:
         return None
-    saved = BatchPlan.from_dict(json.loads((path / files.META).read_text())["plan"])
+    _, meta = files.first_intact(found, directory, trust.key_bytes(key))
+    saved = BatchPlan.from_dict(meta["plan"])
     return saved.for_world_size(dist.world_size() if world_size is None else world_size)
 
 
@@ -125,6 +133,7 @@ def save(
     data_state: dict[str, Any] | None = None,
     keep: int = 2,
     include_grads: bool = False,
+    key: bytes | str | None = None,
 ) -> Path:
     """Write a checkpoint of the training state; collective (call it on every rank).
 
@@ -140,6 +149,9 @@ def save(
         keep: how many complete checkpoints to keep (older ones are deleted).
         include_grads: allow a checkpoint mid-window: every rank also writes the gradients it accumulated so far
             (plain and DDP models only). Without it, only window boundaries are saved.
+        key: sign the checkpoint with this secret (HMAC-SHA256 of its manifest), so that :func:`load` with the
+            same key refuses a tampered one; default: the environment variable ``DISTACCUM_CHECKPOINT_KEY``, if
+            set, else unsigned (see the threat model in :mod:`distaccum.checkpoint_trust`).
 
     Returns:
         The checkpoint's directory.
@@ -150,8 +162,9 @@ def save(
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 checkpoints, got {keep}")
+    signing_key = trust.key_bytes(key)
     root = files.checkpoint_root(directory)  # on every rank: a refusal on rank 0 alone would hang the others
-    files.check_plain({} if data_state is None else data_state)
+    trust.check_plain({} if data_state is None else data_state)
     position = accumulator.micro_step_in_window
     layout = _layout(model)
     if position and layout == "engine":
@@ -178,8 +191,8 @@ def save(
     temporary = root / f".tmp-{name}"
     rank = dist.rank()
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(temporary, ignore_errors=True)
+        root.mkdir(mode=0o755, parents=True, exist_ok=True)  # not writable by others: check_root
+        files.remove_leftovers(root)  # of saves killed midway, this one's name included
         temporary.mkdir()
     if sharded or engine or grads is not None:
         _barrier()  # every rank writes into the temporary directory: it must exist first
@@ -194,12 +207,15 @@ def save(
         model_state = optimizer_state = None
     elif engine:
         engine_files.save(model, temporary)
+        trust.sync_tree(temporary / engine_files.ENGINE_DIR)  # this rank's shards, on disk before the barrier
     elif rank == 0:
         model_state, optimizer_state = unwrap(model).state_dict(), optimizer.state_dict()
     if grads is not None:  # the window's arithmetic is this rank's own, as its gradients are (format 3)
         torch.save({"grads": grads, "window": window}, temporary / f"grads-rank{rank:05d}.pt")
+        trust.sync_file(temporary / f"grads-rank{rank:05d}.pt")
     if batch_norm is not None:  # the open window's BatchNorm statistics, this rank's own as its gradients
         torch.save(batch_norm, temporary / f"batchnorm-rank{rank:05d}.pt")
+        trust.sync_file(temporary / f"batchnorm-rank{rank:05d}.pt")
     if sharded or engine or grads is not None:
         _barrier()
     if rank == 0:
@@ -225,7 +241,7 @@ def save(
             "engine_world_size": accumulator.plan.world_size if engine else None,
             sharded_files.EMPTY_OPTIMIZER: empty_optimizer,
         }
-        files.publish(root, temporary, name, meta, keep)
+        files.publish(root, temporary, name, meta, keep, signing_key)
     # Nobody leaves save() before the checkpoint is complete: a rank killed right after can rely on it.
     _barrier()
     return final
@@ -239,6 +255,7 @@ def load(
     accumulator: Accumulator,
     scheduler: Any | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
+    key: bytes | str | None = None,
 ) -> dict[str, Any] | None:
     """Restore the newest checkpoint in ``directory`` into the given objects, on every rank (collective).
 
@@ -249,6 +266,8 @@ def load(
         directory: the directory :func:`save` wrote to (missing or empty: nothing to resume).
         model, optimizer, accumulator, scheduler, grad_scaler: the objects to restore, built as for a fresh run
             (``scheduler``/``grad_scaler`` only when the checkpoint has them).
+        key: the secret :func:`save` signed with (default: ``DISTACCUM_CHECKPOINT_KEY``, if set): a checkpoint that
+            is unsigned or whose signature does not match is skipped with a warning, like a damaged one.
 
     Returns:
         The checkpoint's ``data_state`` (``{}`` when none was saved), or None when there is no checkpoint.
@@ -267,9 +286,9 @@ def load(
     found = files.candidates(files.checkpoint_root(directory))
     if not found:
         return None
-    path, meta = files.first_intact(found, directory)
-    state = files.safe_load(path / _STATE)
-    _check_kind(path, meta, state, layout, model, accumulator, scheduler=scheduler, grad_scaler=grad_scaler)
+    path, meta = files.first_intact(found, directory, trust.key_bytes(key))
+    state = trust.safe_load(path / _STATE)
+    fit.check_kind(path, meta, state, layout, model, accumulator, scheduler=scheduler, grad_scaler=grad_scaler)
     accumulator_state = files.rank_state(path, meta, state["accumulator"], accumulator.plan.world_size, dist.rank())
     # Everything that can be refused is refused before anything changes: the model's and optimizer's fit here,
     # then the accumulator (which checks its whole state before it changes), then the loads that cannot fail.
@@ -281,7 +300,7 @@ def load(
         model_state, optimizer_state = get_state_dict(model, optimizer)
         sharded_files.check_fits(path / _SHARDED, model_state)
     elif layout != "engine":
-        files.check_fits(path, state["model"], unwrap(model), state["optimizer"], optimizer)
+        fit.check_fits(path, state["model"], unwrap(model), state["optimizer"], optimizer)
     accumulator.load_state_dict(accumulator_state)
     if sharded:
         import torch.distributed.checkpoint as dcp
@@ -302,47 +321,3 @@ def load(
         grad_scaler.load_state_dict(state["grad_scaler"])
     data_state: dict[str, Any] = state["data_state"]
     return data_state
-
-
-def _check_kind(
-    path: Path,
-    meta: dict[str, Any],
-    state: dict[str, Any],
-    layout: str,
-    model: nn.Module,
-    accumulator: Accumulator,
-    **optional: Any,
-) -> None:
-    """Refuse a checkpoint of another kind of run: with(out) a scheduler or scaler, another model layout, another
-    DeepSpeed world size."""
-    for field, target in optional.items():
-        if (state[field] is None) != (target is None):
-            raise ValueError(
-                f"checkpoint {path} {'has no' if state[field] is None else 'has a'} {field} state but "
-                f"{field}={'None' if target is None else type(target).__name__} was given; pass the same "
-                f"{field} as the run that saved it"
-            )
-    scaler = optional["grad_scaler"]
-    if scaler is not None and scaler.is_enabled() and not state["grad_scaler"]:
-        raise ValueError(
-            f"checkpoint {path} has an empty grad_scaler state (saved from a disabled GradScaler) but grad_scaler "
-            "is enabled; pass a GradScaler built as the run that saved it (enabled=False)"
-        )
-    if not meta.get("sharded") and layout == "sharded":
-        raise ValueError(
-            f"checkpoint {path} holds a replicated model's state but model is a sharded {type(model).__name__}; "
-            "resume it with the plain or DDP model that saved it"
-        )
-    if meta.get("sharded") and layout != "sharded":  # nothing of its sharded/ folder is read for such a model
-        raise ValueError(
-            f"checkpoint {path} holds a sharded (FSDP) model's state but model is a {layout} "
-            f"{type(model).__name__}; resume it with the FSDP model that saved it"
-        )
-    saved_by = meta.get("engine_world_size")
-    if (saved_by is not None) != (layout == "engine"):
-        raise ValueError(
-            f"checkpoint {path} holds {'a DeepSpeed engine' if saved_by else 'no DeepSpeed engine'} but model is "
-            f"{type(model).__name__}; resume it with the kind of model that saved it"
-        )
-    if saved_by is not None and saved_by != accumulator.plan.world_size:
-        raise ValueError(engine_files.other_world_size_refusal(path, saved_by, accumulator.plan.world_size))

@@ -3,42 +3,44 @@
 What :mod:`distaccum.checkpoint` puts in a checkpoint is its business; this module makes sure that whatever
 happens to the job or the disk, a load either gets a complete, intact checkpoint or says why it cannot:
 
-* **Publication.** A checkpoint is written under ``.tmp-<name>``, gets a ``meta.json`` with the sha256 of every
-  file and a serial number (one more than any checkpoint there), is renamed to ``<name>``, and only then named
-  in ``latest`` (``os.replace``). Saving a step that exists already moves the old one aside first
-  (``.replaced-<name>-<serial>``) and deletes it only after the new one is named: no moment without a complete
-  checkpoint. Old checkpoints are pruned by serial, so a run that restarted at an earlier step never has its new
-  checkpoints deleted in favour of the old run's later ones.
+* **Publication.** A checkpoint is written under ``.tmp-<name>``, gets a ``meta.json`` with the sha256 and size
+  of every file and a serial number (one more than any checkpoint there), is flushed to the disk (``fsync`` of
+  every file and folder), renamed to ``<name>``, and only then named in ``latest`` (``os.replace``, flushed too);
+  the next save removes what a killed one left (``.tmp-*``). Saving a step that exists already moves the old one
+  aside first (``.replaced-<name>-<serial>``) and deletes it only after the new one is named: no moment without a
+  complete checkpoint. Old checkpoints are pruned by serial, so a run that restarted at an earlier step never has
+  its new checkpoints deleted in favour of the old run's later ones.
 * **Choosing.** ``latest`` names the checkpoint to load; when it names nothing complete (a kill between two
   renames, a hand-edited directory), the complete checkpoint with the highest serial is used, with a warning.
   A checkpoint whose files do not match their sha256 (truncated, bit-flipped, missing) is skipped with a warning
   naming the file, in favour of the previous one; when none is intact, loading raises instead of starting over.
-* **Safe loading.** Every file is read with ``torch.load(weights_only=True)``: tensors and plain data only. A
-  file that holds anything else (a crafted pickle) is refused without running it. ``data_state`` must be plain
-  data for the same reason, checked when it is saved. A sharded checkpoint's ``.metadata`` and non-tensor entries
-  are read by :mod:`distaccum.checkpoint_sharded` (exact globals, ``weights_only``), only for a sharded model.
+* **Safe loading.** Before a file is read, its checkpoint must pass :func:`damage`: the manifest lists every file
+  under a plain relative name with its size and sha256, nothing else is there, nothing is a symlink, a FIFO or
+  another user's, and every torch file is an uncompressed zip that fits in itself. Files are then read with
+  ``torch.load(weights_only=True)`` (:func:`distaccum.checkpoint_trust.safe_load`): tensors and plain data only.
+  ``data_state`` must be plain data for the same reason, checked when it is saved. A sharded checkpoint's
+  ``.metadata`` and non-tensor entries are read by :mod:`distaccum.checkpoint_sharded` (exact globals,
+  ``weights_only``), only for a sharded model. The threat model: :mod:`distaccum.checkpoint_trust`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from distaccum import checkpoint_trust as trust
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """2 adds ``files`` (sha256 per file) and ``serial`` to meta.json; format 1 still loads, unverified. 3: mid-window,
-each rank's ``grads-rank<r>.pt`` also holds that rank's own open-window state (:func:`rank_window`)."""
+each rank's ``grads-rank<r>.pt`` also holds that rank's own open-window state (:func:`rank_state`). 4 adds
+``sizes`` (bytes per file, checked before a file is read) and, with a key, ``signature``."""
 LATEST = "latest"
 META = "meta.json"
-_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ def checkpoint_root(directory: str | os.PathLike[str]) -> Path:
 
     Raises:
         ValueError: it is a regular file, or one checkpoint inside such a folder (either would read as "no
-            checkpoint here" and training would silently start over).
+            checkpoint here" and training would silently start over), or another user controls it
+            (:func:`distaccum.checkpoint_trust.check_root`).
     """
     root = Path(directory)
     if root.exists() and not root.is_dir():
@@ -73,44 +76,8 @@ def checkpoint_root(directory: str | os.PathLike[str]) -> Path:
             "them: distaccum.checkpoint picks the newest intact checkpoint itself. Pass its parent, "
             f"{str(root.parent)!r}."
         )
+    trust.check_root(root)
     return root
-
-
-def check_fits(
-    path: Path, model_state: dict[str, Any], module: Any, optimizer_state: dict[str, Any], optimizer: Any
-) -> None:
-    """Refuse a saved model or optimizer state that would not load into ``module`` / ``optimizer``, before
-    anything is loaded (torch's own load copies every tensor that fits before it raises for the rest).
-
-    Raises:
-        ValueError: names the first tensor or parameter group that does not fit, and both shapes or counts.
-    """
-    live = module.state_dict()
-    missing, unexpected = sorted(set(live) - set(model_state)), sorted(set(model_state) - set(live))
-    wrong = [
-        name
-        for name, value in live.items()
-        if isinstance(value, torch.Tensor)
-        and isinstance(model_state.get(name), torch.Tensor)
-        and model_state[name].shape != value.shape
-    ]
-    problem = None
-    if wrong:
-        name = wrong[0]
-        saved, here = tuple(model_state[name].shape), tuple(live[name].shape)
-        problem = f"{name} has shape {saved} there and {here} here ({len(wrong)} tensor(s) differ)"
-    elif missing or unexpected:
-        problem = f"tensors missing there: {missing[:3]}, unknown here: {unexpected[:3]}"
-    saved_groups = [len(group["params"]) for group in optimizer_state["param_groups"]]
-    live_groups = [len(group["params"]) for group in optimizer.param_groups]
-    if problem is None and saved_groups != live_groups:
-        problem = f"the optimizer has {saved_groups} parameters per group there and {live_groups} here"
-    if problem is not None:
-        raise ValueError(
-            f"checkpoint {path} does not fit this model and optimizer: {problem}. A checkpoint loads into the model "
-            f"and optimizer built as for the run that saved it ({type(module).__name__}); nothing was loaded. Build "
-            "them as that run did, or point the load at a directory of this model's checkpoints."
-        )
 
 
 def rank_state(path: Path, meta: dict[str, Any], saved: dict[str, Any], world_size: int, rank: int) -> dict[str, Any]:
@@ -122,14 +89,14 @@ def rank_state(path: Path, meta: dict[str, Any], saved: dict[str, Any], world_si
     """
     if meta.get("grads_world_size") != world_size:
         return saved
-    own = safe_load(path / f"grads-rank{rank:05d}.pt")
+    own = trust.safe_load(path / f"grads-rank{rank:05d}.pt")
     if isinstance(own, dict):  # format 3: {"grads": [...], "window": this rank's accumulator state}
         state = {**saved, **own["window"], "grads": own["grads"]}
     else:
         _old_window(path, saved, world_size)
         state = {**saved, "grads": own}
     if (path / f"batchnorm-rank{rank:05d}.pt").exists():
-        state["window_batch_norm"] = safe_load(path / f"batchnorm-rank{rank:05d}.pt")
+        state["window_batch_norm"] = trust.safe_load(path / f"batchnorm-rank{rank:05d}.pt")
     return state
 
 
@@ -155,20 +122,27 @@ def _old_window(path: Path, saved: dict[str, Any], world_size: int) -> None:
 
 
 def complete(root: Path) -> list[Entry]:
-    """Every complete checkpoint in ``root`` (one with a readable, well-formed meta.json), oldest first; one whose
-    meta.json is malformed is skipped with a warning (it must not stop ``load`` or ``save`` of the others)."""
+    """Every complete checkpoint in ``root`` (one with a readable, well-formed meta.json), oldest first; one that is
+    a symlink or whose meta.json is malformed is skipped with a warning (it must not stop ``load`` or ``save``)."""
     entries = []
-    for path in root.glob("*step-*") if root.is_dir() else []:
-        if path.name.startswith(("step-", ".replaced-step-")):
-            try:
-                meta = json.loads((path / META).read_text())
-            except (OSError, ValueError):
-                continue  # a checkpoint killed before its meta.json was written is not one
-            problem = _malformed(meta)
-            if problem is not None:
-                warnings.warn(f"checkpoint {path} is damaged ({META}: {problem}); skipping it", stacklevel=3)
-                continue
-            entries.append(Entry(path, meta))
+    for path in sorted(root.glob("*step-*")) if root.is_dir() else []:
+        if not path.name.startswith(("step-", ".replaced-step-")):
+            continue
+        if path.is_symlink():
+            warnings.warn(f"checkpoint {path} is a symlink (it could lead outside {root}); skipping it", stacklevel=3)
+            continue
+        try:
+            meta = json.loads(trust.read_bounded(path / META, trust.MAX_META_BYTES))
+        except trust.Untrusted as error:
+            warnings.warn(f"checkpoint {path} is damaged ({META}: {error}); skipping it", stacklevel=3)
+            continue
+        except (OSError, ValueError):
+            continue  # a checkpoint killed before its meta.json was written is not one
+        problem = _malformed(meta)
+        if problem is not None:
+            warnings.warn(f"checkpoint {path} is damaged ({META}: {problem}); skipping it", stacklevel=3)
+            continue
+        entries.append(Entry(path, meta))
     return sorted(entries, key=lambda entry: entry.order)
 
 
@@ -185,13 +159,22 @@ def _malformed(meta: Any) -> str | None:
     listed = meta.get("files", {})
     if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
         return "files is not a mapping of file names to sha256 digests"
+    outside = [name for name in listed if not trust.plain_name(name) or name == META]
+    if outside:
+        return f"files names {outside[0]!r}, not a plain relative name inside the checkpoint"
+    sizes = meta.get("sizes", {name: 0 for name in listed})  # since format 4
+    counts = isinstance(sizes, dict) and all(type(v) is int and v >= 0 for v in sizes.values())
+    if not counts or set(sizes) != set(listed):
+        return "sizes is not a byte count for each of its files"
+    if not isinstance(meta.get("signature", ""), str):
+        return "signature is not a text"
     return None
 
 
 def candidates(root: Path) -> list[Entry]:
     """Complete checkpoints in the order to try them: the one ``latest`` names, then the rest newest first."""
     entries = complete(root)
-    named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    named = _pointer(root)
     first = [entry for entry in entries if entry.path.name == named]
     if named is not None and not first and entries:
         warnings.warn(
@@ -202,101 +185,106 @@ def candidates(root: Path) -> list[Entry]:
     return first + [entry for entry in reversed(entries) if entry not in first]
 
 
-def damage(entry: Entry) -> list[str]:
-    """What is wrong with ``entry``'s files against the sha256 in its meta.json (format 1: nothing checked)."""
-    problems = []
-    for name, digest in entry.meta.get("files", {}).items():
-        file = entry.path / name
-        if not file.is_file():
+def _pointer(root: Path) -> str | None:
+    """The name ``latest`` holds (None: there is none, or it is not a small regular file, with a warning)."""
+    try:
+        return trust.read_bounded(root / LATEST, trust.MAX_POINTER_BYTES).strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except trust.Untrusted as error:
+        warnings.warn(f"{root / LATEST} is ignored: {error}", stacklevel=4)
+        return None
+
+
+def damage(entry: Entry, key: bytes | None = None) -> list[str]:
+    """What is wrong with ``entry`` against its meta.json: a signature that does not verify with ``key``, a file
+    that is missing, unlisted, not a regular file, of another size or sha256, a torch file that would allocate
+    more than it holds. Nothing is followed or unpickled. Format 1 (no manifest): only the kinds of file."""
+    signed = trust.signature_problem(entry.meta, key)
+    if signed is not None:
+        return [signed]
+    present, problems = trust.inventory(entry.path)
+    listed: dict[str, str] = entry.meta.get("files", {})
+    sizes: dict[str, int] = entry.meta.get("sizes", {})
+    if "files" in entry.meta:
+        problems += [f"{name} is not in its manifest" for name in sorted(set(present) - set(listed) - {META})]
+    for name, digest in listed.items():
+        if name not in present:
             problems.append(f"{name} is missing")
-        elif _sha256(file) != digest:
+        elif name in sizes and present[name] != sizes[name]:
+            problems.append(f"{name} has {present[name]} bytes, its manifest says {sizes[name]}")
+        elif trust.sha256(entry.path / name) != digest:
             problems.append(f"{name} does not match its sha256 (truncated or corrupted)")
+        elif name.endswith(".pt"):
+            problems += _torch_file_problems(entry.path / name)
     return problems
 
 
-def first_intact(found: list[Entry], directory: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+def _torch_file_problems(path: Path) -> list[str]:
+    try:
+        trust.check_torch_file(path)
+    except trust.Untrusted as error:
+        return [str(error)]
+    return []
+
+
+def first_intact(
+    found: list[Entry], directory: str | os.PathLike[str], key: bytes | None = None
+) -> tuple[Path, dict[str, Any]]:
     """The first intact checkpoint of ``found`` (each damaged one skipped with a warning): its path and meta.
 
     Raises:
         ValueError: none is intact (refusing to start over silently).
     """
     for entry in found:
-        problems = damage(entry)
+        problems = damage(entry, key)
         if not problems:
             return entry.path, entry.meta
         warnings.warn(
             f"checkpoint {entry.path} is damaged ({'; '.join(problems)}); trying the previous one", stacklevel=3
         )
+    signed = " or signed with another key" if key is not None else ""
     raise ValueError(
-        f"no checkpoint in {directory} is intact ({len(found)} found, all damaged; see the warnings): refusing "
-        "to start over silently. Restore the directory from a backup, or remove it to train from scratch."
+        f"no checkpoint in {directory} is intact ({len(found)} found, all damaged{signed}; see the warnings): "
+        "refusing to start over silently. Restore the directory from a backup, or remove it to train from scratch."
     )
 
 
-def publish(root: Path, temporary: Path, name: str, meta: dict[str, Any], keep: int) -> Path:
-    """Seal ``temporary`` (hashes, serial, meta.json), make it ``root/name``, name it in ``latest``, prune."""
+def remove_leftovers(root: Path) -> None:
+    """Delete what saves killed midway left behind (``.tmp-*`` folders, a ``.latest.tmp``): never a checkpoint.
+    A symlink is not followed (rmtree refuses one)."""
+    for leftover in root.glob(".tmp-step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+
+
+def publish(root: Path, temporary: Path, name: str, meta: dict[str, Any], keep: int, key: bytes | None) -> Path:
+    """Seal ``temporary`` (hashes, sizes, serial, a signature with ``key``, meta.json), flush it to the disk, make
+    it ``root/name``, name it in ``latest``, prune. Every rename comes after the data it publishes is on disk."""
     existing = complete(root)
     serial = 1 + max((entry.order[0] for entry in existing), default=0)
-    files = sorted(path for path in temporary.rglob("*") if path.is_file())
+    written = sorted(path for path in temporary.rglob("*") if path.is_file())
+    names = [str(path.relative_to(temporary).as_posix()) for path in written]
     sealed = {**meta, "format": FORMAT_VERSION, "serial": serial}
-    sealed["files"] = {str(path.relative_to(temporary)): _sha256(path) for path in files}
+    sealed["files"] = {name: trust.sha256(temporary / name) for name in names}
+    sealed["sizes"] = {name: (temporary / name).stat().st_size for name in names}
+    if key is not None:
+        sealed["signature"] = trust.signature(sealed, key)
     (temporary / META).write_text(json.dumps(sealed, indent=1) + "\n")
+    trust.sync_tree(temporary)
     final = root / name
     replaced = root / f".replaced-{name}-{serial}"
     if final.exists():  # the same step saved again: keep the old one complete until the new one is named
         os.rename(final, replaced)
     os.rename(temporary, final)
+    trust.sync_file(root)
     pointer = root / f".{LATEST}.tmp"
     pointer.write_text(name + "\n")
+    trust.sync_file(pointer)
     os.replace(pointer, root / LATEST)
+    trust.sync_file(root)
     shutil.rmtree(replaced, ignore_errors=True)
     for old in complete(root)[:-keep]:
         if old.path != final:
             shutil.rmtree(old.path, ignore_errors=True)
     return final
-
-
-def safe_load(path: Path) -> Any:
-    """``torch.load`` of tensors and plain data only.
-
-    Raises:
-        ValueError: the file holds other objects (whose unpickling could run code); they were not loaded.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"checkpoint file {path} holds objects other than tensors and plain data, which could run code when "
-            "loaded; it was refused without loading them. Load only checkpoints you wrote, and keep data_state "
-            f"to numbers, strings, lists, dicts and tensors. ({str(error).splitlines()[0]})"
-        ) from None
-
-
-def check_plain(value: Any, where: str = "data_state") -> None:
-    """Refuse anything but tensors and plain data (what :func:`safe_load` can read back).
-
-    Raises:
-        ValueError: names the first offending entry and its type.
-    """
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str | int):
-                raise ValueError(f"{where} has a key {key!r} of type {type(key).__name__}; use str or int keys")
-            check_plain(item, f"{where}[{key!r}]")
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            check_plain(item, f"{where}[{index}]")
-    elif not isinstance(value, _PLAIN):
-        raise ValueError(
-            f"{where} is a {type(value).__name__}: a checkpoint holds only tensors and plain data (numbers, strings, "
-            "lists, dicts), which load without running code. Save what it needs to be rebuilt, e.g. its "
-            "state_dict() or a step count."
-        )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

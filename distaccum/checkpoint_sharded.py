@@ -20,12 +20,15 @@ Nothing of a sharded checkpoint goes through a full unpickler. DCP reads its ``.
 ``pickle.load`` and the non-tensor entries (the optimizer's param groups) with ``torch.load(weights_only=False)``:
 distaccum hands ``dcp.load`` a reader whose metadata it has unpickled itself, once, admitting exact (module, name)
 pairs of DCP's metadata classes and torch's dtypes (:func:`read_metadata`: no dotted name, no module prefix), and a
-planner that loads those entries with ``weights_only=True`` (:func:`loading`).
+planner that loads those entries with ``weights_only=True`` (:func:`loading`). Before that, every slice the
+metadata points at is checked (:func:`check_slices`): a plain file name inside the folder, within its file, no
+transform (DCP's compression extensions), and a torch zip that fits in its slice.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distaccum import checkpoint_trust as trust
 from distaccum import collectives
 from distaccum.backends import params_of
 
@@ -156,6 +160,7 @@ def loading(directory: Path) -> tuple[Any, Any]:
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     metadata = read_metadata(directory)
+    check_slices(directory, metadata)
 
     class CheckedReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
@@ -173,6 +178,51 @@ def loading(directory: Path) -> tuple[Any, Any]:
                 self.state_dict[read_item.dest_index.fqn] = loaded
 
     return CheckedReader(str(directory)), WeightsOnlyPlanner()
+
+
+def check_slices(directory: Path, metadata: Any) -> None:
+    """Refuse a ``.metadata`` whose slices lead outside ``directory`` or past their file's end, ask for a transform
+    (decompression), or hold anything but a torch zip that fits in the slice (a zip bomb). Reads each tensor slice's
+    zip directory, and loads each non-tensor entry (the optimizer's param groups: small) with ``weights_only``, so
+    that a crafted one is refused here, before anything is loaded, not inside ``dcp.load`` after the model changed.
+
+    Raises:
+        ValueError: names the slice's file, its offset and the rule.
+    """
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    where = f"checkpoint file {directory / '.metadata'}"
+    slices = getattr(metadata, "storage_data", None)
+    if not isinstance(slices, dict) or not all(isinstance(info, _StorageInfo) for info in slices.values()):
+        raise ValueError(f"{where} has no map of storage slices; refused, nothing was read")
+    entries = getattr(metadata, "state_dict_metadata", None) or {}
+    for index, info in slices.items():
+        name, offset, length = info.relative_path, info.offset, info.length
+        here = f"{where} points at {name!r}"
+        if not trust.plain_name(name):
+            raise ValueError(f"{here}: not a plain file name inside {directory}; refused, nothing was read")
+        if info.transform_descriptors:
+            raise ValueError(f"{here}: a transform ({info.transform_descriptors}), which distaccum never writes")
+        if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
+            raise ValueError(f"{here}: offset {offset!r} and length {length!r} are not byte counts")
+        with (directory / name).open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if offset + length > size:
+                raise ValueError(f"{here}: bytes {offset}..{offset + length} of a {size}-byte file")
+            try:
+                part = io.BufferedReader(trust.FileSlice(file, offset, length))
+                trust.check_torch_stream(part, length, f"{name} at byte {offset}")
+                if isinstance(entries.get(getattr(index, "fqn", None)), BytesStorageMetadata):
+                    part.seek(0)
+                    torch.load(part, weights_only=True)
+            except trust.Untrusted as error:
+                raise ValueError(f"{here}: {error}; refused before torch.load read it") from None
+            except pickle.UnpicklingError as error:
+                raise ValueError(
+                    f"{here}: an entry that holds objects other than tensors and plain data, which could run code "
+                    f"when loaded; it was refused without loading them. ({str(error).splitlines()[0]})"
+                ) from None
 
 
 def check_fits(directory: Path, model_state: dict[str, Any]) -> None:

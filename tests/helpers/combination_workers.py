@@ -119,7 +119,7 @@ class _Run:
         ``get_optimizer_state_dict``: that one initializes an optimizer without state by a step on zero gradients
         (``_init_optim_state``), which moves Adam's step count and momentum with weight decay (torch behaviour;
         the files path, which goes through it on FSDP, is distaccum's to get right)."""
-        if self.config.checkpoint_via == "files":
+        if self.config.checkpoint_via in ("files", "signed-files"):
             self._resume_from_files()
             return
         saved = {
@@ -138,11 +138,12 @@ class _Run:
     def _resume_from_files(self) -> None:
         from distaccum import checkpoint
 
+        key = "harness-secret" if self.config.checkpoint_via == "signed-files" else None  # HMAC-signed manifest
         parts = {"model": self.model, "optimizer": self.optimizer, "accumulator": self.acc, "scheduler": self.scheduler}
-        checkpoint.save(self.directory, **parts, include_grads=True)
+        checkpoint.save(self.directory, **parts, include_grads=True, key=key)
         self._rebuild()
         parts = {"model": self.model, "optimizer": self.optimizer, "accumulator": self.acc, "scheduler": self.scheduler}
-        checkpoint.load(self.directory, **parts)
+        checkpoint.load(self.directory, **parts, key=key)
 
     def _rebuild(self) -> None:
         del self.model, self.optimizer, self.scheduler, self.acc

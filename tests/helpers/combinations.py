@@ -87,7 +87,7 @@ class Config:
     nan: bool = False  # one micro-batch's loss is NaN: its window is skipped (on_nonfinite="skip")
     checkpoint: str | None = None  # "mid" / "boundary" of window 0: saved, loaded into fresh objects, resumed
     checkpoint_via: str = "memory"  # acc.state_dict(include_grads=True) and torch's state_dicts, or "files":
-    # distaccum.checkpoint.save / load
+    # distaccum.checkpoint.save / load, or "signed-files": the same with key= (an HMAC-signed manifest)
     seed: int = 0
 
     def describe(self) -> str:
@@ -150,7 +150,7 @@ def _draw(rng: random.Random, world_size: int) -> Config:
         accumulate_dtype=rng.choice(ACCUMULATE_DTYPES),
         nan=rng.random() < 0.2,
         checkpoint=rng.choice(CHECKPOINTS),
-        checkpoint_via=rng.choice(("memory", "files")),
+        checkpoint_via=rng.choice(("memory", "files", "signed-files")),
         seed=rng.randrange(2**16),
     )
 
@@ -741,7 +741,7 @@ def known_failure(config: Config, world_size: int) -> KnownFailure | None:
 
 
 def _files_on_fsdp(config: Config) -> bool:
-    return config.backend in SHARDED and config.checkpoint is not None and config.checkpoint_via == "files"
+    return config.backend in SHARDED and config.checkpoint is not None and config.checkpoint_via != "memory"
 
 
 KNOWN_FAILING: tuple[KnownFailure, ...] = (
@@ -841,6 +841,16 @@ REGRESSIONS: tuple[tuple[str, Config, int], ...] = (
     (
         "row3-ddp-ragged-items-mid-window-files",
         Config(backend="ddp", items=True, accum_steps=3, checkpoint="mid", checkpoint_via="files", seed=3),
+        2,
+    ),
+    (
+        "issue25-signed-boundary-files-fsdp2",
+        Config(backend="fsdp2", optimizer="adam", checkpoint="boundary", checkpoint_via="signed-files", seed=5),
+        2,
+    ),
+    (
+        "issue25-signed-mid-window-files-ddp",
+        Config(backend="ddp", items=True, accum_steps=3, checkpoint="mid", checkpoint_via="signed-files", seed=4),
         2,
     ),
     ("row7-ddp-bf16-every-warns", Config(backend="ddp", dtype="bf16", grad_sync="every", accum_steps=4), 2),

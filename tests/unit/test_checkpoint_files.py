@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from distaccum import Accumulator, BatchPlan, checkpoint
 from distaccum import checkpoint_files as files
 from distaccum import checkpoint_sharded as sharded_files
+from distaccum import checkpoint_trust as trust
+from tests.helpers import attacks
 from tests.helpers.common import loss_fn, make_data, make_model, make_optimizer
 
 MICRO = 4
@@ -158,11 +161,8 @@ def test_a_crafted_pickle_is_refused_without_running_it(tmp_path: Path) -> None:
     save(tmp_path, 2)
     marker = tmp_path / "pwned"
     final = tmp_path / "step-00000002"
-    with (final / "state.pt").open("wb") as file:
-        pickle.dump({"model": _Exploit(str(marker))}, file)
-    meta = json.loads((final / "meta.json").read_text())  # an attacker who also fixes the sha256
-    meta["files"]["state.pt"] = files._sha256(final / "state.pt")
-    (final / "meta.json").write_text(json.dumps(meta))
+    (final / "state.pt").write_bytes(attacks.torch_zip(pickle.dumps({"model": _Exploit(str(marker))})))
+    attacks.reseal(final, "state.pt")  # an attacker who also fixes the sha256 and the size
     with pytest.raises(ValueError, match=r"holds objects other than tensors and plain data.*refused"):
         load(tmp_path)
     assert not marker.exists(), "the pickle ran code"
@@ -199,7 +199,7 @@ def test_a_format_1_checkpoint_still_loads(tmp_path: Path) -> None:
     save(tmp_path, 2)
     meta_path = tmp_path / "step-00000002" / "meta.json"
     meta = json.loads(meta_path.read_text())
-    for key in ("files", "serial"):
+    for key in ("files", "sizes", "serial"):
         del meta[key]
     meta["format"] = 1
     meta_path.write_text(json.dumps(meta))
@@ -229,9 +229,7 @@ def test_a_crafted_sharded_metadata_is_refused_before_dcp_unpickles_it(tmp_path:
     marker = tmp_path / "pwned"
     with (final / "sharded" / ".metadata").open("wb") as file:
         pickle.dump(_Exploit(str(marker)), file)
-    meta = json.loads((final / "meta.json").read_text())
-    meta["files"]["sharded/.metadata"] = files._sha256(final / "sharded" / ".metadata")
-    (final / "meta.json").write_text(json.dumps(meta))
+    attacks.reseal(final, "sharded/.metadata")
     with pytest.raises(ValueError, match=r"\.metadata holds objects other than checkpoint metadata"):
         checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc)
     assert not marker.exists(), "the pickle ran code"
@@ -247,12 +245,6 @@ def _dotted_global_pickle(marker: Path) -> bytes:
 
     module, name, command = "torch.distributed.checkpoint.filesystem", "os.system", f"touch {marker}"
     return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(command) + b"\x85" + b"R" + b"."
-
-
-def _reseal(final: Path, relative: str) -> None:
-    meta = json.loads((final / "meta.json").read_text())
-    meta["files"][relative] = files._sha256(final / relative)
-    (final / "meta.json").write_text(json.dumps(meta))
 
 
 def _one_rank_fsdp2(tmp_path: Path):
@@ -284,10 +276,37 @@ def test_a_dotted_global_in_sharded_metadata_runs_nothing(tmp_path: Path) -> Non
     (model, optimizer, acc), directory, final = _trained_fsdp2_checkpoint(tmp_path)
     marker = tmp_path / "pwned"
     (final / "sharded" / ".metadata").write_bytes(_dotted_global_pickle(marker))
-    _reseal(final, "sharded/.metadata")
+    attacks.reseal(final, "sharded/.metadata")
     with pytest.raises(ValueError, match=r"\.metadata holds objects other than checkpoint metadata.*not allowed"):
         checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc)
     assert not marker.exists(), "the pickle ran code"
+
+
+@pytest.mark.parametrize("slice_change", ["outside", "past-the-end", "transform"])
+def test_a_sharded_metadata_pointing_outside_its_files_is_refused_before_anything_is_read(
+    tmp_path: Path, slice_change: str
+) -> None:
+    # DCP reads each slice at the relative path, offset and length its .metadata names: an attacker's metadata could
+    # make it read any file (a content oracle), past a file's end, or through a decompressing transform (a bomb).
+    (model, optimizer, acc), directory, final = _trained_fsdp2_checkpoint(tmp_path)
+    metadata = sharded_files.read_metadata(final / "sharded")
+    info = next(iter(metadata.storage_data.values()))
+    if slice_change == "outside":
+        info.relative_path = "../../../../etc/passwd"
+    elif slice_change == "past-the-end":
+        info.length = 1 << 40
+    else:
+        info.transform_descriptors = ["zstd"]
+    with (final / "sharded" / ".metadata").open("wb") as file:
+        pickle.dump(metadata, file)
+    attacks.reseal(final, "sharded/.metadata")
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = acc.optimizer_steps
+    expected = {"outside": "not a plain file name", "past-the-end": "bytes 0..", "transform": "a transform"}
+    with pytest.raises(ValueError, match=re.escape(expected[slice_change])):
+        checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc)
+    assert acc.optimizer_steps == steps
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_a_sharded_checkpoint_meeting_a_plain_model_reads_nothing_of_its_shards(tmp_path: Path) -> None:
@@ -302,7 +321,7 @@ def test_a_sharded_checkpoint_meeting_a_plain_model_reads_nothing_of_its_shards(
     meta = json.loads((final / "meta.json").read_text())
     meta["sharded"] = True
     (final / "meta.json").write_text(json.dumps(meta))
-    _reseal(final, "sharded/.metadata")
+    attacks.reseal(final, "sharded/.metadata")
     with pytest.raises(ValueError, match=r"holds a sharded \(FSDP\) model's state but model is a replicated"):
         checkpoint.load(directory, model=model, optimizer=optimizer, accumulator=acc)
     assert not marker.exists(), "the pickle ran code"
@@ -327,14 +346,15 @@ def test_a_crafted_non_tensor_entry_of_a_sharded_checkpoint_runs_nothing(tmp_pat
     metadata.storage_data[storage] = _StorageInfo(data_file.name, offset, len(payload))
     with (final / "sharded" / ".metadata").open("wb") as file:
         pickle.dump(metadata, file)
-    _reseal(final, "sharded/.metadata")
-    _reseal(final, f"sharded/{data_file.name}")
+    attacks.reseal(final, "sharded/.metadata")
+    attacks.reseal(final, f"sharded/{data_file.name}")
     fresh = _one_rank_fsdp2(tmp_path)
-    with pytest.raises(BaseException) as raised:  # DCP wraps it per rank in a CheckpointException (a BaseException)
+    before = [p.detach().clone() for p in fresh[0].parameters()]
+    # Refused before dcp.load (inside it, DCP raised a CheckpointException, a BaseException, after the model changed)
+    with pytest.raises(ValueError, match=r"an entry that holds objects other than tensors.*refused without loading"):
         checkpoint.load(directory, model=fresh[0], optimizer=fresh[1], accumulator=fresh[2])
-    causes = getattr(raised.value, "failures", {0: raised.value})
-    assert any("Weights only load failed" in str(cause) for cause in causes.values()), causes
     assert not marker.exists(), "the pickle ran code"
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh[0].parameters(), strict=True))
 
 
 @pytest.mark.parametrize(
@@ -366,8 +386,9 @@ def _format_2_mid_window(directory: Path) -> Path:
     path = checkpoint.save(directory, model=model, optimizer=optimizer, accumulator=acc, include_grads=True)
     grads_file = path / "grads-rank00000.pt"
     torch.save(torch.load(grads_file, weights_only=True)["grads"], grads_file)
+    attacks.reseal(path, grads_file.name)
     meta = json.loads((path / files.META).read_text())
-    meta["format"], meta["files"][grads_file.name] = 2, files._sha256(grads_file)
+    meta["format"] = 2
     (path / files.META).write_text(json.dumps(meta))
     return path
 
@@ -385,7 +406,7 @@ def test_a_format_2_mid_window_checkpoint_of_one_rank_still_loads(tmp_path: Path
 
 def test_a_format_2_mid_window_checkpoint_of_several_ranks_is_refused_with_num_items(tmp_path: Path) -> None:
     path = _format_2_mid_window(tmp_path)
-    saved = files.safe_load(path / "state.pt")["accumulator"]
+    saved = trust.safe_load(path / "state.pt")["accumulator"]
     meta = {"grads_world_size": 2}
     with pytest.raises(ValueError, match=r"with num_items on 2 ranks by a distaccum that saved rank 0's window item"):
         files.rank_state(path, meta, saved, 2, 0)

@@ -25,8 +25,13 @@ LAYERS = (
         "distaccum.integrations",
         "distaccum.guards",
     ),
-    ("distaccum.micro_step",),
-    ("distaccum.checkpoint_files", "distaccum.checkpoint_engine", "distaccum.checkpoint_sharded"),
+    ("distaccum.micro_step", "distaccum.checkpoint_trust"),
+    (
+        "distaccum.checkpoint_files",
+        "distaccum.checkpoint_engine",
+        "distaccum.checkpoint_sharded",
+        "distaccum.checkpoint_fit",
+    ),
     (
         "distaccum.uneven",
         "distaccum.resize",
