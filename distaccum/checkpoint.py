@@ -299,7 +299,9 @@ def load(
         reader, planner = sharded_files.loading(path / _SHARDED)  # refuses a crafted .metadata, running nothing
         model_state, optimizer_state = get_state_dict(model, optimizer)
         sharded_files.check_fits(path / _SHARDED, model_state)
-    elif layout != "engine":
+    elif layout == "engine":
+        engine_files.check_files(path)  # every engine file read weights_only, before the accumulator changes
+    else:
         fit.check_fits(path, state["model"], unwrap(model), state["optimizer"], optimizer)
     accumulator.load_state_dict(accumulator_state)
     if sharded:
