@@ -64,7 +64,7 @@ from distaccum.accumulator import Accumulator
 from distaccum.plan import BatchPlan
 
 FORMAT_VERSION = files.FORMAT_VERSION
-_STATE = "state.pt"
+_STATE = files.STATE
 _SHARDED = "sharded"
 
 
@@ -117,7 +117,7 @@ def resume_plan(
     found = files.candidates(files.checkpoint_root(directory))
     if not found:
         return None
-    _, meta = files.first_intact(found, directory, trust.key_bytes(key))
+    _, meta, _ = files.first_intact(found, directory, trust.key_bytes(key))
     saved = BatchPlan.from_dict(meta["plan"])
     return saved.for_world_size(dist.world_size() if world_size is None else world_size)
 
@@ -277,7 +277,8 @@ def load(
             plan's global or micro batch differs from the accumulator's, it is mid-window and the world size
             changed, a replicated checkpoint meets a sharded model, a DeepSpeed checkpoint meets another model
             or world size (or the reverse), no checkpoint is intact (each damaged one is skipped with a warning
-            first), or a file holds objects other than tensors and plain data (refused without running them);
+            first; a ``state.pt`` that is not tensors and plain data, lacks fields or defeats torch's reader is
+            damaged), or a mid-window rank file holds other objects (refused without running them);
             ``directory`` is a regular file or one checkpoint; the model or optimizer does not fit the saved state;
             ``accumulator`` is mid-window on FSDP or DeepSpeed. Every refusal comes before anything is changed.
         RuntimeError: called inside ``with acc.micro_step():``.
@@ -286,8 +287,8 @@ def load(
     found = files.candidates(files.checkpoint_root(directory))
     if not found:
         return None
-    path, meta = files.first_intact(found, directory, trust.key_bytes(key))
-    state = trust.safe_load(path / _STATE)
+    path, meta, read = files.first_intact(found, directory, trust.key_bytes(key), read_state=True)
+    state: dict[str, Any] = read if read is not None else {}
     fit.check_kind(path, meta, state, layout, model, accumulator, scheduler=scheduler, grad_scaler=grad_scaler)
     accumulator_state = files.rank_state(path, meta, state["accumulator"], accumulator.plan.world_size, dist.rank())
     # Everything that can be refused is refused before anything changes: the model's and optimizer's fit here,
@@ -303,7 +304,12 @@ def load(
         engine_files.check_files(path)  # every engine file read weights_only, before the accumulator changes
     else:
         fit.check_fits(path, state["model"], unwrap(model), state["optimizer"], optimizer)
-    accumulator.load_state_dict(accumulator_state)
+    try:  # it checks its whole state before it changes anything
+        accumulator.load_state_dict(accumulator_state)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:
+        raise ValueError(
+            f"checkpoint {path}: its accumulator state is malformed ({error!r}); nothing was loaded"
+        ) from None
     if sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from distaccum import checkpoint_trust as trust
+
 ENGINE_DIR = "deepspeed"
 """The engine's folder inside a distaccum checkpoint."""
 TAG = "engine"
@@ -74,20 +76,6 @@ def save(engine: Any, temporary: Path) -> None:
     engine.save_checkpoint(str(temporary / ENGINE_DIR), tag=TAG, client_state={}, save_latest=False)
 
 
-def _refusal_reason(error: Exception) -> str:
-    """The unpickler's own first sentence on why it refused a file, without torch's advice to unpickle it in full."""
-    # torch wraps the unpickler's message in its advice: before it (marked), after a blank line, or first.
-    text = str(error).split("\n\nCheck the documentation of torch.load", 1)[0]
-    for marker in ("WeightsUnpickler error: ", "\n\n"):
-        if marker in text:
-            text = text.rsplit(marker, 1)[1]
-            break
-    lines = text.removeprefix("Weights only load failed. ").strip().splitlines()
-    if not lines:
-        return type(error).__name__
-    return lines[0].split(". ", 1)[0].rstrip(".")
-
-
 def read_plain(file: Any, *, mmap: bool = False) -> Any:
     """``torch.load`` ``file`` with ``weights_only=True`` onto the CPU, allowing :func:`engine_classes` too.
 
@@ -115,7 +103,7 @@ def read_plain(file: Any, *, mmap: bool = False) -> Any:
     except Exception as error:
         raise ValueError(
             f"checkpoint file {file} was refused by torch.load(weights_only=True) without running it: "
-            f"{_refusal_reason(error)}. A DeepSpeed engine file holds only tensors, plain data and DeepSpeed's "
+            f"{trust.refusal_reason(error)}. A DeepSpeed engine file holds only tensors, plain data and DeepSpeed's "
             "state classes, so this one is not what save wrote. Load only checkpoints you wrote."
         ) from None
 

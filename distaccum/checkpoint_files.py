@@ -41,6 +41,7 @@ each rank's ``grads-rank<r>.pt`` also holds that rank's own open-window state (:
 ``sizes`` (bytes per file, checked before a file is read) and, with a key, ``signature``."""
 LATEST = "latest"
 META = "meta.json"
+STATE = "state.pt"
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,9 @@ def complete(root: Path) -> list[Entry]:
         except trust.Untrusted as error:
             warnings.warn(f"checkpoint {path} is damaged ({META}: {error}); skipping it", stacklevel=3)
             continue
-        except (OSError, ValueError):
-            continue  # a checkpoint killed before its meta.json was written is not one
+        except (OSError, ValueError) as error:  # save writes meta.json before the rename: this is damage
+            warnings.warn(f"checkpoint {path} is damaged ({META}: {error}); skipping it", stacklevel=3)
+            continue
         problem = _malformed(meta)
         if problem is not None:
             warnings.warn(f"checkpoint {path} is damaged ({META}: {problem}); skipping it", stacklevel=3)
@@ -174,6 +176,11 @@ def _malformed(meta: Any) -> str | None:
 def candidates(root: Path) -> list[Entry]:
     """Complete checkpoints in the order to try them: the one ``latest`` names, then the rest newest first."""
     entries = complete(root)
+    if not entries and any(path.name.startswith("step-") for path in root.glob("step-*")):
+        raise ValueError(
+            f"no checkpoint in {root} is intact (each step-* folder lacks a readable {META}; see the warnings): "
+            "refusing to start over silently. Restore the directory from a backup, or remove it to train from scratch."
+        )
     named = _pointer(root)
     first = [entry for entry in entries if entry.path.name == named]
     if named is not None and not first and entries:
@@ -229,17 +236,28 @@ def _torch_file_problems(path: Path) -> list[str]:
 
 
 def first_intact(
-    found: list[Entry], directory: str | os.PathLike[str], key: bytes | None = None
-) -> tuple[Path, dict[str, Any]]:
-    """The first intact checkpoint of ``found`` (each damaged one skipped with a warning): its path and meta.
+    found: list[Entry], directory: str | os.PathLike[str], key: bytes | None = None, *, read_state: bool = False
+) -> tuple[Path, dict[str, Any], dict[str, Any] | None]:
+    """The first intact checkpoint of ``found`` (each damaged one skipped with a warning): its path, its meta and,
+    with ``read_state``, its ``state.pt`` read (``weights_only``). With ``read_state`` a checkpoint whose files are
+    intact but whose state is not (refused by the unpickler, damaged past torch's reader, fields missing: resealed
+    by someone) counts as damaged too.
 
     Raises:
         ValueError: none is intact (refusing to start over silently).
     """
     for entry in found:
         problems = damage(entry, key)
+        state = None
+        if not problems and read_state:
+            try:
+                state = trust.safe_load(entry.path / STATE)
+                problem = _shape_problem(state)
+            except ValueError as error:
+                problem = str(error)
+            problems = [] if problem is None else [problem]
         if not problems:
-            return entry.path, entry.meta
+            return entry.path, entry.meta, state
         warnings.warn(
             f"checkpoint {entry.path} is damaged ({'; '.join(problems)}); trying the previous one", stacklevel=3
         )
@@ -248,6 +266,34 @@ def first_intact(
         f"no checkpoint in {directory} is intact ({len(found)} found, all damaged{signed}; see the warnings): "
         "refusing to start over silently. Restore the directory from a backup, or remove it to train from scratch."
     )
+
+
+def _shape_problem(state: Any) -> str | None:
+    """What is missing from a ``state.pt`` that save wrote (None: every field distaccum reads has its type)."""
+    if not isinstance(state, dict):
+        return f"{STATE} holds a {type(state).__name__}, not a dict"
+    fields = {"model": dict, "optimizer": dict, "accumulator": dict, "scheduler": dict, "grad_scaler": dict}
+    for field, kind in fields.items():
+        value = state.get(field, ...)
+        if not (isinstance(value, kind) or (value is None and field != "accumulator")):
+            return f"{STATE} field {field} is {type(value).__name__ if value is not ... else 'missing'}"
+    if not isinstance(state.get("data_state"), dict):
+        return f"{STATE} field data_state is not a dict"
+    counts = [state["accumulator"].get(field) for field in ("optimizer_steps", "micro_step")]
+    if not isinstance(state["accumulator"].get("plan"), dict) or not all(type(count) is int for count in counts):
+        return f"{STATE} accumulator state lacks its plan or step counts"
+    optimizer = state["optimizer"]
+    if optimizer is None:
+        return None
+    groups = optimizer.get("param_groups")
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(groups, list):
+        return f"{STATE} optimizer state lacks its state or param_groups"
+    if not all(isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups):
+        return f"{STATE} optimizer param_groups are not groups of params"
+    ids = {param for group in groups for param in group["params"]}
+    if not all(isinstance(value, dict) and name in ids for name, value in optimizer["state"].items()):
+        return f"{STATE} optimizer state names parameters its param_groups do not hold"
+    return None
 
 
 def remove_leftovers(root: Path) -> None:

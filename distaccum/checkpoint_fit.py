@@ -27,13 +27,14 @@ def check_fits(
         name
         for name, value in live.items()
         if isinstance(value, torch.Tensor)
-        and isinstance(model_state.get(name), torch.Tensor)
-        and model_state[name].shape != value.shape
+        and name in model_state
+        and (not isinstance(model_state[name], torch.Tensor) or model_state[name].shape != value.shape)
     ]
     problem = None
     if wrong:
         name = wrong[0]
-        saved, here = tuple(model_state[name].shape), tuple(live[name].shape)
+        saved = tuple(model_state[name].shape) if isinstance(model_state[name], torch.Tensor) else "not a tensor"
+        here = tuple(live[name].shape)
         problem = f"{name} has shape {saved} there and {here} here ({len(wrong)} tensor(s) differ)"
     elif missing or unexpected:
         problem = f"tensors missing there: {missing[:3]}, unknown here: {unexpected[:3]}"

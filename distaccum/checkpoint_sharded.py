@@ -221,7 +221,7 @@ def check_slices(directory: Path, metadata: Any) -> None:
             except pickle.UnpicklingError as error:
                 raise ValueError(
                     f"{here}: an entry that holds objects other than tensors and plain data, which could run code "
-                    f"when loaded; it was refused without loading them. ({str(error).splitlines()[0]})"
+                    f"when loaded; it was refused without loading them. ({trust.refusal_reason(error)})"
                 ) from None
 
 

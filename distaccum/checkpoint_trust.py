@@ -218,6 +218,11 @@ def check_torch_stream(stream: IO[bytes], size: int, label: str) -> None:
     Raises:
         Untrusted: names ``label`` and the rule.
     """
+    start = stream.tell()
+    header = stream.read(4)
+    stream.seek(start)
+    if header != b"PK\x03\x04":  # what torch.load itself tests to take the zip path: a legacy file with a zip
+        raise Untrusted(f"{label} is not a torch zip file (torch.save writes one)")  # appended passes ZipFile
     try:
         records = zipfile.ZipFile(stream).infolist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
@@ -283,7 +288,8 @@ def safe_load(path: Path) -> Any:
     """``torch.load`` of tensors and plain data only.
 
     Raises:
-        ValueError: the file holds other objects (whose unpickling could run code); they were not loaded.
+        ValueError: the file holds other objects (whose unpickling could run code; they were not loaded), breaks a
+            rule of :func:`check_torch_file`, is missing, or is damaged in a way torch's reader trips over.
     """
     try:
         check_torch_file(path)
@@ -294,7 +300,13 @@ def safe_load(path: Path) -> Any:
         raise ValueError(
             f"checkpoint file {path} holds objects other than tensors and plain data, which could run code when "
             "loaded; it was refused without loading them. Load only checkpoints you wrote, and keep data_state "
-            f"to numbers, strings, lists, dicts and tensors. ({str(error).splitlines()[0]})"
+            f"to numbers, strings, lists, dicts and tensors. ({refusal_reason(error)})"
+        ) from None
+    except (OSError, RuntimeError, EOFError, TypeError, KeyError, IndexError, AttributeError) as error:
+        # torch's zip reader and weights_only rebuilders on bytes that passed the sha256 (resealed by someone)
+        raise ValueError(
+            f"checkpoint file {path} is damaged: torch.load failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
         ) from None
 
 
@@ -318,3 +330,17 @@ def check_plain(value: Any, where: str = "data_state") -> None:
             "lists, dicts), which load without running code. Save what it needs to be rebuilt, e.g. its "
             "state_dict() or a step count."
         )
+
+
+def refusal_reason(error: Exception) -> str:
+    """The unpickler's own first sentence on why it refused a file, without torch's advice to unpickle it in full."""
+    # torch wraps the unpickler's message in its advice: before it (marked), after a blank line, or first.
+    text = str(error).split("\n\nCheck the documentation of torch.load", 1)[0]
+    for marker in ("WeightsUnpickler error: ", "\n\n"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+            break
+    lines = text.removeprefix("Weights only load failed. ").strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    return lines[0].split(". ", 1)[0].rstrip(".")

@@ -102,8 +102,9 @@ def test_every_crafted_state_pickle_is_refused_without_running_it(tmp_path: Path
     marker = tmp_path / "pwned"
     (final / "state.pt").write_bytes(attacks.torch_zip(_payloads(marker)[payload]))
     attacks.reseal(final, "state.pt")
-    with pytest.raises(ValueError, match=r"state.pt holds objects other than tensors and plain data.*refused"):
-        load(tmp_path / "ckpt")
+    refused = r"step-00000002 is damaged \(checkpoint file .*state.pt holds objects other than tensors and plain data"
+    with pytest.warns(UserWarning, match=refused):
+        assert load(tmp_path / "ckpt") == {"step": 1}  # the previous, intact checkpoint
     assert not marker.exists(), "the pickle ran code"
 
 
@@ -323,3 +324,65 @@ def test_every_file_and_folder_is_on_disk_before_the_rename_that_publishes_it(
     root_inode = (tmp_path / "ckpt").stat().st_ino
     assert ("fsync", root_inode) in events[published:pointer], "the rename itself was not flushed before `latest`"
     assert events[-1] == ("fsync", root_inode), "the new `latest` was not flushed"
+
+
+# Found by the fuzz test (tests/unit/test_checkpoint_fuzz.py), each failing on eeefa67:
+
+
+def test_a_legacy_format_file_with_a_zip_appended_is_still_refused(tmp_path: Path, monkeypatch) -> None:
+    # ZipFile finds the appended (empty) zip, torch.load still takes the legacy path from the file's first bytes.
+    final = two_checkpoints(tmp_path / "ckpt")
+    legacy = io.BytesIO()
+    torch.save({"x": torch.zeros(4)}, legacy, _use_new_zipfile_serialization=False)
+    empty_zip = io.BytesIO()
+    zipfile.ZipFile(empty_zip, "w").close()
+    (final / "state.pt").write_bytes(legacy.getvalue() + empty_zip.getvalue())
+    attacks.reseal(final, "state.pt")
+    loaded = _torch_load_spy(monkeypatch)
+    with pytest.warns(UserWarning, match=r"state.pt is not a torch zip file"):
+        assert load(tmp_path / "ckpt") == {"step": 1}
+    assert not any(path.startswith(str(final)) for path in loaded)
+
+
+def test_checkpoints_whose_meta_json_are_all_unreadable_refuse_rather_than_start_over(tmp_path: Path) -> None:
+    final = two_checkpoints(tmp_path / "ckpt")
+    (final / "meta.json").write_text("")
+    (tmp_path / "ckpt" / "step-00000001" / "meta.json").unlink()
+    with pytest.warns(UserWarning, match=r"is damaged \(meta.json"):
+        with pytest.raises(ValueError, match=r"no checkpoint in .* is intact.*refusing to start over"):
+            load(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["no-optimizer-state", "optimizer-state-5", "no-data-state", "no-accumulator", "damaged-zip"],
+)
+def test_a_resealed_state_of_the_wrong_shape_falls_back_and_restores_nothing_partially(
+    tmp_path: Path, change: str
+) -> None:
+    final = two_checkpoints(tmp_path / "ckpt")
+    state = torch.load(final / "state.pt", weights_only=True)
+    if change == "no-optimizer-state":
+        del state["optimizer"]["state"]
+    elif change == "optimizer-state-5":
+        state["optimizer"]["state"] = 5
+    elif change == "no-data-state":
+        del state["data_state"]
+    elif change == "no-accumulator":
+        del state["accumulator"]
+    torch.save(state, final / "state.pt")
+    if change == "damaged-zip":
+        data = (final / "state.pt").read_bytes()
+        (final / "state.pt").write_bytes(data[:4] + b"\x00" + data[4:])  # torch's zip reader: RuntimeError
+    attacks.reseal(final, "state.pt")
+    with pytest.warns(UserWarning, match=r"step-00000002 is damaged"):
+        assert load(tmp_path / "ckpt") == {"step": 1}
+
+
+def test_a_manifest_claiming_another_ranks_gradients_is_a_value_error(tmp_path: Path) -> None:
+    final = two_checkpoints(tmp_path / "ckpt")
+    meta = json.loads((final / "meta.json").read_text())
+    meta["grads_world_size"] = 1  # no grads-rank00000.pt there (unsigned: anyone can write this)
+    (final / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"grads-rank00000.pt is damaged"):
+        load(tmp_path / "ckpt")
