@@ -176,11 +176,8 @@ def _malformed(meta: Any) -> str | None:
 def candidates(root: Path) -> list[Entry]:
     """Complete checkpoints in the order to try them: the one ``latest`` names, then the rest newest first."""
     entries = complete(root)
-    if not entries and any(path.name.startswith("step-") for path in root.glob("step-*")):
-        raise ValueError(
-            f"no checkpoint in {root} is intact (each step-* folder lacks a readable {META}; see the warnings): "
-            "refusing to start over silently. Restore the directory from a backup, or remove it to train from scratch."
-        )
+    if not entries:
+        _refuse_an_emptied_directory(root)
     named = _pointer(root)
     first = [entry for entry in entries if entry.path.name == named]
     if named is not None and not first and entries:
@@ -190,6 +187,21 @@ def candidates(root: Path) -> list[Entry]:
             stacklevel=3,
         )
     return first + [entry for entry in reversed(entries) if entry not in first]
+
+
+def _refuse_an_emptied_directory(root: Path) -> None:
+    """Raise when ``root`` once held a checkpoint but holds none intact now: a step-* folder is there, or ``latest``
+    is (written only after a checkpoint was published). A first save killed before it published starts fresh."""
+    if any(root.glob("step-*")):
+        held = f"each step-* folder lacks a readable {META}; see the warnings"
+    elif os.path.lexists(root / LATEST):
+        held = f"{LATEST} is there but no step-* folder is: deleted?"
+    else:
+        return
+    raise ValueError(
+        f"no checkpoint in {root} is intact ({held}): refusing to start over silently. "
+        "Restore the directory from a backup, or remove it to train from scratch."
+    )
 
 
 def _pointer(root: Path) -> str | None:

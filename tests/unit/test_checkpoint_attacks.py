@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -351,6 +352,22 @@ def test_checkpoints_whose_meta_json_are_all_unreadable_refuse_rather_than_start
     with pytest.warns(UserWarning, match=r"is damaged \(meta.json"):
         with pytest.raises(ValueError, match=r"no checkpoint in .* is intact.*refusing to start over"):
             load(tmp_path / "ckpt")
+
+
+def test_a_latest_pointer_left_without_any_checkpoint_refuses_rather_than_start_over(tmp_path: Path) -> None:
+    """Found by the fuzz soak: every step-* folder deleted, ``latest`` left. ``latest`` is written only after a
+    checkpoint was published, so a directory that has one once held a checkpoint: starting over is not safe."""
+    two_checkpoints(tmp_path / "ckpt")
+    for folder in (tmp_path / "ckpt").glob("step-*"):
+        shutil.rmtree(folder)
+    with pytest.raises(ValueError, match=r"no checkpoint in .* is intact.*latest.*refusing to start over"):
+        load(tmp_path / "ckpt")
+
+
+def test_a_directory_whose_first_save_was_killed_still_starts_fresh(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    (root / ".tmp-step-00000001").mkdir(parents=True)
+    assert load(root) is None
 
 
 @pytest.mark.parametrize(
