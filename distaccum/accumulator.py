@@ -11,7 +11,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
-from distaccum import backends, collectives, guards, integrations, precision, resize, uneven
+from distaccum import backends, collectives, guards, integrations, precision, reduction, resize, uneven
 from distaccum.backends import StepOptions, params_of
 from distaccum.backends.base import StepWindow, grads_of
 from distaccum.batchnorm import BatchNormMode, BatchNormWindow
@@ -105,17 +105,20 @@ class Accumulator(AccumulatorState):
         self._backend = backends.select(model, plan.world_size, grad_sync)
         self._backend.check_options(self._options)
         guards.check_optimizer_over_model(model, optimizer, self._backend)
-        backends.sync.check_hand_reduction(
-            self._backend, auto_micro_batch=auto_micro_batch, float32_sums=accumulate_dtype == torch.float32
-        )
         most = self._plans.largest_accum_steps
+        self._reduction = reduction.choose(
+            self._backend,
+            optimizer,
+            accumulate_dtype=accumulate_dtype,
+            largest_accum_steps=most,
+            auto_micro_batch=auto_micro_batch,
+        )
         bn = BatchNormWindow.attach(model, batch_norm, most)
         noise = NoiseScale.checked(noise_scale, self.backend, self.grads_in_params)
         self._window = WindowLedger(plan.accum_steps, bn, deferred=auto_micro_batch, noise=noise)
-        self._fp32 = precision.Fp32Window.build(accumulate_dtype, optimizer, most, self._backend, self._window)
         self._auto = auto_micro_batch
         if auto_micro_batch:
-            resize.check_model(model, self.backend, batch_norm)
+            resize.check_model(model, self._backend, batch_norm)
         self._splitting = False
         self.micro_batch_retries = 0
         """Windows started again with a smaller micro-batch after some rank ran out of memory."""
@@ -174,10 +177,7 @@ class Accumulator(AccumulatorState):
         self._backward_done = False
         self._backward_begun = False
         self.stepped = False
-        if boundary and not self._auto and self._fp32 is None:  # else reduced by hand (resize.py, precision.py)
-            self._backend.before_sync()
-            return MicroStep(self, boundary, self._backend.boundary_sync())
-        return MicroStep(self, boundary, self._backend.window_sync())
+        return MicroStep(self, boundary, self._reduction.context(boundary))
 
     def _end_micro_step(self, boundary: bool, error: BaseException | None) -> bool:  # MicroStep.__exit__
         self._in_micro_step = False
@@ -215,6 +215,19 @@ class Accumulator(AccumulatorState):
             ValueError: ``loss`` is not a scalar, ``num_items`` is negative, or some micro-steps of a window give
                 ``num_items`` and others don't.
         """
+        self._check_backward_call()
+        guards.check_loss(loss)
+        window = self._window
+        count = None if num_items is None else guards.item_count(num_items)
+        self._before_backward(count)
+        loss, scale = window.record(loss, count)
+        if self.grad_scaler is not None:
+            loss = self.grad_scaler.scale(loss)
+        self._reduction.backward(loss, scale, first=window.position == 0)
+        self._backward_done = True
+        self._after_backward(count, scale)
+
+    def _check_backward_call(self) -> None:
         if self._backward_done or not self._in_micro_step:
             raise RuntimeError(
                 "acc.backward() was called twice in one micro-step; add the losses and call it once "
@@ -223,72 +236,84 @@ class Accumulator(AccumulatorState):
                 else "acc.backward() was called outside `with acc.micro_step():`; the accumulator could not decide "
                 "whether to sync gradients. Put the forward and acc.backward(loss) inside the `with` block."
             )
-        guards.check_loss(loss)
+
+    def _before_backward(self, count: int | None) -> None:
+        """The checks before a backward (a rank that raises here joins the reduction it would have made: no hang),
+        and, at a run's first backward, the ranks' agreement on giving ``num_items``."""
         window = self._window
-        count = None if num_items is None else guards.item_count(num_items)
         if window.position:
             self._guards.window_grads.check(self.optimizer)
-        if self._boundary_now:  # before the reducing backward: a rank that raises here joins it (no hang)
+        if self._boundary_now:
             self._guards.scheduler.check()
         self._backward_begun = True  # from here on collectives may be in flight: no joining them after a failure
         if not self._auto and window.needs_item_agreement(count):
             # First backward of a run: ranks agree on giving num_items (a rank without it fails here, on every
             # rank, instead of mismatching collectives later) and seed the items-per-micro-step estimate.
             window.agree_on_items(*collectives.agree_on_item_mode(count))
-        loss, scale = window.record(loss, count)
-        if self.grad_scaler is not None:
-            loss = self.grad_scaler.scale(loss)
-        (self._fp32 or self._backend).backward(loss, scale)  # the fp32 window folds bf16/fp16 gradients into its sums
-        self._backward_done = True
-        if not self._boundary_now and self._backend.grads_in_params and not self._auto:
+
+    def _after_backward(self, count: int | None, scale: float) -> None:
+        """What a micro-step inside the window remembers: its gradients' identity (a change between micro-steps is
+        named at the next backward), and the noise scale's small-batch reading at the window's first micro-step."""
+        window = self._window
+        if self._boundary_now:
+            return
+        if self._backend.grads_in_params and not self._auto:
             self._guards.window_grads.remember(self.optimizer)
-        if window.noise is not None and window.position == 0 and not self._boundary_now:
+        if window.noise is not None and window.position == 0:
             loss_scale = scale * (self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0)
             window.noise.measure(grads_of(params_of(self.optimizer)), loss_scale, count or self.plan.micro_batch_size)
 
-    def _finish_window(self, *, local: bool = False, reduced: bool = False) -> None:
+    def _finish_window(self, *, local: bool = False) -> None:
+        """The boundary: the window's scalars all-reduced into its factor, then its step (or a retry, smaller).
+        ``local``: a boundary that joined no reduction (see ``_abandon_micro_step``): skipped, without collectives."""
         try:
-            params = params_of(self.optimizer)
-            # A NaN/inf flag known now (from the reduction, or each shard's), or the global norm (which decides it
-            # then) once the gradients are reduced, rides on the all-reduce below: one decision, one host read.
-            early = None if local or self._norm else self._backend.early_nonfinite(params)
-            ready = self._norm and not local and self._fp32 is None and (reduced or not self._auto)
-            norm = self._backend.early_norm(params, self._options) if ready else None
-            if local:  # a boundary that joined no reduction (see _abandon_micro_step): skipped, without collectives
-                window, shared = self._window.close_locally(), None
-            else:
-                stats = self._window.local_stats(0.0 if early is None else early)
-                totals = collectives.sum_checking_step(stats, self.optimizer_steps, shared=norm)
-                shared = totals.pop() if norm is not None else None
-                window = self._window.close(totals, self._backend.averaging_ranks)
+            window, nonfinite, norm = self._close_window(local)
             if window.retry:  # some rank ran out of memory: no step; split() runs the window again, smaller
-                (self._fp32 or self._backend).discard_grads(self.optimizer)
+                self._reduction.discard_grads(self.optimizer)
                 self._use(self._plans.use_micro_batch_size(resize.shrink(self), self.optimizer_steps))
                 return
-            factor = 1.0 if window.skip else window.factor
-            if self._fp32 is not None:  # float32 sums of bf16/fp16 gradients: reduced by hand, rounded once
-                factor = self._fp32.finish(params, factor, window.before_reduction, skip=window.skip)
-            elif self._auto and not reduced and not window.skip:  # the one reduction, now that no rank ran out
-                resize.reduce_window(self._backend, params, factor * window.before_reduction)
-                factor = 1.0
-            if not self.optimizer_steps and self._backend.grads_in_params and not window.skip:
-                guards.check_grads_reached(params)
-            number, nonfinite = self.optimizer_steps + 1, None if early is None else window.nonfinite
-            steps = StepWindow(factor, window.skip, number, norm=self._norm, nonfinite=nonfinite, norm_value=shared)
-            try:
-                with self._guards.stepping():
-                    grad_norm, skipped = self._backend.step(self.optimizer, params, self._options, steps)
-            except FloatingPointError:  # on_nonfinite="raise": a skipped step that says so; its data was consumed
-                self._count_step(window, None, skipped=True)
-                raise
-            self._count_step(window, grad_norm, skipped)
+            self._step_window(window, nonfinite, norm)
         except BaseException:
             # The boundary work failed (a refusal, on_nonfinite="raise"): its gradients must not reach a later step.
-            (self._fp32 or self._backend).discard_grads(self.optimizer)
+            self._reduction.discard_grads(self.optimizer)
             raise
         finally:
             self._window.reset()
             self._guards.window_grads.forget()
+
+    def _close_window(self, local: bool) -> tuple[WindowClose, bool | None, float | None]:
+        """The window closed over all ranks in one all-reduce: (its :class:`WindowClose`; whether some rank's part
+        of the gradient is not finite, None where not checked yet; the global norm, None where not computed yet)."""
+        if local:
+            return self._window.close_locally(), None, None
+        params = params_of(self.optimizer)
+        # Gradients reduced already (in the boundary backward): a NaN/inf flag known now, or the global norm (which
+        # decides it then), rides on the all-reduce below: one decision, one host read.
+        reduced = self._reduction.in_backward
+        early = self._backend.early_nonfinite(params) if reduced and not self._norm else None
+        norm = self._backend.early_norm(params, self._options) if reduced and self._norm else None
+        stats = self._window.local_stats(0.0 if early is None else early)
+        totals = collectives.sum_checking_step(stats.values(), self.optimizer_steps, shared=norm)
+        shared = totals.pop() if norm is not None else None
+        window = self._window.close(stats.from_values(totals), self._backend.averaging_ranks)
+        return window, None if early is None else window.nonfinite, shared
+
+    def _step_window(self, window: WindowClose, nonfinite: bool | None, norm: float | None) -> None:
+        """The closed window's optimizer step (skipped where the close says so), then the counters."""
+        params = params_of(self.optimizer)
+        factor = 1.0 if window.skip else window.factor
+        factor = self._reduction.finish(params, factor, window.before_reduction, skip=window.skip)
+        if not self.optimizer_steps and self._backend.grads_in_params and not window.skip:
+            guards.check_grads_reached(params)
+        number = self.optimizer_steps + 1
+        steps = StepWindow(factor, window.skip, number, norm=self._norm, nonfinite=nonfinite, norm_value=norm)
+        try:
+            with self._guards.stepping():
+                grad_norm, skipped = self._backend.step(self.optimizer, params, self._options, steps)
+        except FloatingPointError:  # on_nonfinite="raise": a skipped step that says so; its data was consumed
+            self._count_step(window, None, skipped=True)
+            raise
+        self._count_step(window, grad_norm, skipped)
 
     def _count_step(self, window: WindowClose, grad_norm: float | None, skipped: bool) -> None:
         self.optimizer_steps += 1
@@ -310,8 +335,8 @@ class Accumulator(AccumulatorState):
         self._join_opening_collectives()  # before the all-reduce below: a rank with no micro-step since a load
         if collectives.sum_over_ranks([self._window.position])[0] == 0:
             return None
-        (self._fp32 or self._backend).reduce_pending(params_of(self.optimizer))
-        self._finish_window(reduced=True)
+        self._reduction.reduce_pending(params_of(self.optimizer))
+        self._finish_window()
         return self.last_step
 
     def iterate(self, micro_batches: Iterable[T], *, drop_last: bool = False) -> Iterator[T]:

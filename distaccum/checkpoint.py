@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,37 @@ def save(
     trust.check_plain({} if data_state is None else data_state)
     position = accumulator.micro_step_in_window
     layout = _layout(model)
+    _refuse_mid_window(position, accumulator, layout, include_grads)
+    if layout == "sharded":
+        _refuse_inexact_shards(model, optimizer)  # collective: every rank decides alike
+    # Raises for FSDP mid-window on every rank before anything is written.
+    window = accumulator.state_dict(include_grads=True) if position else {}
+    grads = window.pop("grads", None)
+    batch_norm = window.pop("window_batch_norm", None)
+    name = _checkpoint_name(accumulator.optimizer_steps, position)
+    temporary = root / f".tmp-{name}"
+    every_rank_writes = layout in ("sharded", "engine") or grads is not None
+    rank = dist.rank()
+    if rank == 0:
+        _make_temporary(root, temporary)
+    if every_rank_writes:
+        _barrier()  # every rank writes into the temporary directory: it must exist first
+    weights = _write_weights(model, optimizer, layout, temporary, rank)
+    _write_rank_window(temporary, rank, grads, window, batch_norm)
+    if every_rank_writes:
+        _barrier()
+    if rank == 0:
+        state = _state(weights, accumulator, scheduler, grad_scaler, data_state)
+        _write_state(state, temporary)
+        meta = _meta(accumulator, position, layout, grads is not None, weights.empty_optimizer)
+        files.publish(root, temporary, name, meta, keep=keep, key=signing_key)
+    # Nobody leaves save() before the checkpoint is complete: a rank killed right after can rely on it.
+    _barrier()
+    return root / name
+
+
+def _refuse_mid_window(position: int, accumulator: Accumulator, layout: str, include_grads: bool) -> None:
+    """Refuse a checkpoint at micro-step ``position`` of the window that would not hold the window's gradients."""
     if position and layout == "engine":
         raise ValueError(
             f"checkpoint requested mid-window (micro-step {position} of {accumulator.plan.accum_steps}) of a "
@@ -179,72 +211,120 @@ def save(
             "gradients accumulated so far are not saved. Save right after an optimizer step (when acc.stepped "
             "is True), or pass include_grads=True (plain and DDP models) to save them too."
         )
-    sharded, engine = layout == "sharded", layout == "engine"
-    problem = sharded_files.refusal(model, optimizer) if sharded else None  # collective: every rank decides alike
+
+
+def _refuse_inexact_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a sharded model whose state ``torch.distributed.checkpoint`` would not restore as it is; collective."""
+    problem = sharded_files.refusal(model, optimizer)
     if problem is not None:
         raise ValueError(f"checkpoint.save of the sharded {type(model).__name__}: {problem}.")
-    # Raises for FSDP mid-window on every rank before anything is written.
-    window = accumulator.state_dict(include_grads=True) if position else {}
-    grads, batch_norm = window.pop("grads", None), window.pop("window_batch_norm", None)
-    name = f"step-{accumulator.optimizer_steps:08d}" + (f"-micro-{position:04d}" if position else "")
-    final = root / name
-    temporary = root / f".tmp-{name}"
-    rank = dist.rank()
-    if rank == 0:
-        root.mkdir(mode=0o755, parents=True, exist_ok=True)  # not writable by others: check_root
-        files.remove_leftovers(root)  # of saves killed midway, this one's name included
-        temporary.mkdir()
-    if sharded or engine or grads is not None:
-        _barrier()  # every rank writes into the temporary directory: it must exist first
-    model_state: dict[str, Any] | None = None
-    optimizer_state: dict[str, Any] | None = None
-    empty_optimizer = False
-    if sharded:
-        import torch.distributed.checkpoint as dcp
 
-        model_state, optimizer_state, empty_optimizer = sharded_files.state_dicts(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary / _SHARDED)
-        model_state = optimizer_state = None
-    elif engine:
+
+def _checkpoint_name(optimizer_steps: int, position: int) -> str:
+    """``step-<optimizer steps>``, and ``-micro-<position>`` for a checkpoint taken mid-window."""
+    name = f"step-{optimizer_steps:08d}"
+    if position:
+        name += f"-micro-{position:04d}"
+    return name
+
+
+def _make_temporary(root: Path, temporary: Path) -> None:
+    """Create ``root`` if missing and the empty ``temporary`` folder the checkpoint is written into (rank 0)."""
+    root.mkdir(mode=0o755, parents=True, exist_ok=True)  # not writable by others: check_root
+    files.remove_leftovers(root)  # of saves killed midway, this one's name included
+    temporary.mkdir()
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """What ``state.pt`` holds of the model and optimizer (None: their own files hold it, or this rank writes no
+    ``state.pt``), and whether a sharded model's optimizer held no state."""
+
+    model: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+    empty_optimizer: bool = False
+
+
+def _write_weights(
+    model: nn.Module, optimizer: torch.optim.Optimizer, layout: str, temporary: Path, rank: int
+) -> _Weights:
+    """Write the model's and optimizer's own files into ``temporary`` (sharded: every rank with DCP; a DeepSpeed
+    engine: every rank its shards), or take their state for rank 0's ``state.pt`` (replicated)."""
+    if layout == "sharded":
+        return _Weights(empty_optimizer=_write_shards(model, optimizer, temporary))
+    if layout == "engine":
         engine_files.save(model, temporary)
         trust.sync_tree(temporary / engine_files.ENGINE_DIR)  # this rank's shards, on disk before the barrier
-    elif rank == 0:
-        model_state, optimizer_state = unwrap(model).state_dict(), optimizer.state_dict()
-    if grads is not None:  # the window's arithmetic is this rank's own, as its gradients are (format 3)
-        torch.save({"grads": grads, "window": window}, temporary / f"grads-rank{rank:05d}.pt")
-        trust.sync_file(temporary / f"grads-rank{rank:05d}.pt")
-    if batch_norm is not None:  # the open window's BatchNorm statistics, this rank's own as its gradients
-        torch.save(batch_norm, temporary / f"batchnorm-rank{rank:05d}.pt")
-        trust.sync_file(temporary / f"batchnorm-rank{rank:05d}.pt")
-    if sharded or engine or grads is not None:
-        _barrier()
+        return _Weights()
     if rank == 0:
-        state = {
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "accumulator": accumulator.state_dict(),
-            "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "grad_scaler": None if grad_scaler is None else grad_scaler.state_dict(),
-            "data_state": {} if data_state is None else data_state,
-        }
-        try:
-            torch.save(state, temporary / _STATE)
-        except BaseException:  # a full disk, say: leave no half-written directory next to the intact ones
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
-        meta = {
-            "step": accumulator.optimizer_steps,
-            "micro_step": position,
-            "plan": accumulator.plan.as_dict(),
-            "sharded": sharded,
-            "grads_world_size": None if grads is None else accumulator.plan.world_size,
-            "engine_world_size": accumulator.plan.world_size if engine else None,
-            sharded_files.EMPTY_OPTIMIZER: empty_optimizer,
-        }
-        files.publish(root, temporary, name, meta, keep, signing_key)
-    # Nobody leaves save() before the checkpoint is complete: a rank killed right after can rely on it.
-    _barrier()
-    return final
+        return _Weights(model=unwrap(model).state_dict(), optimizer=optimizer.state_dict())
+    return _Weights()
+
+
+def _write_shards(model: nn.Module, optimizer: torch.optim.Optimizer, temporary: Path) -> bool:
+    """Write this rank's shards of a sharded model and its optimizer with DCP; whether the optimizer held no state."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optimizer_state, empty_optimizer = sharded_files.state_dicts(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary / _SHARDED)
+    return empty_optimizer
+
+
+def _write_rank_window(temporary: Path, rank: int, grads: Any, window: dict[str, Any], batch_norm: Any) -> None:
+    """Mid-window: write this rank's own gradients and window arithmetic (format 3), and its open window's
+    BatchNorm statistics (none of them at a window boundary)."""
+    if grads is not None:  # the window's arithmetic is this rank's own, as its gradients are (format 3)
+        _save_synced({"grads": grads, "window": window}, temporary / f"grads-rank{rank:05d}.pt")
+    if batch_norm is not None:  # the open window's BatchNorm statistics, this rank's own as its gradients
+        _save_synced(batch_norm, temporary / f"batchnorm-rank{rank:05d}.pt")
+
+
+def _save_synced(value: Any, path: Path) -> None:
+    torch.save(value, path)
+    trust.sync_file(path)
+
+
+def _state(
+    weights: _Weights,
+    accumulator: Accumulator,
+    scheduler: Any | None,
+    grad_scaler: torch.amp.GradScaler | None,
+    data_state: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What rank 0 writes to ``state.pt``."""
+    return {
+        "model": weights.model,
+        "optimizer": weights.optimizer,
+        "accumulator": accumulator.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "grad_scaler": None if grad_scaler is None else grad_scaler.state_dict(),
+        "data_state": {} if data_state is None else data_state,
+    }
+
+
+def _write_state(state: dict[str, Any], temporary: Path) -> None:
+    """Write ``state.pt`` into ``temporary``; a failed write removes ``temporary``."""
+    try:
+        torch.save(state, temporary / _STATE)
+    except BaseException:  # a full disk, say: leave no half-written directory next to the intact ones
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _meta(
+    accumulator: Accumulator, position: int, layout: str, has_grads: bool, empty_optimizer: bool
+) -> dict[str, Any]:
+    """The checkpoint's own fields of ``meta.json`` (:func:`distaccum.checkpoint_files.publish` adds the rest)."""
+    world_size = accumulator.plan.world_size
+    return {
+        "step": accumulator.optimizer_steps,
+        "micro_step": position,
+        "plan": accumulator.plan.as_dict(),
+        "sharded": layout == "sharded",
+        "grads_world_size": world_size if has_grads else None,
+        "engine_world_size": world_size if layout == "engine" else None,
+        sharded_files.EMPTY_OPTIMIZER: empty_optimizer,
+    }
 
 
 def load(
@@ -289,7 +369,9 @@ def load(
         return None
     path, meta, read = files.first_intact(found, directory, trust.key_bytes(key), read_state=True)
     state: dict[str, Any] = read if read is not None else {}
-    fit.check_kind(path, meta, state, layout, model, accumulator, scheduler=scheduler, grad_scaler=grad_scaler)
+    fit.check_kind(
+        path, meta, state, layout, model=model, accumulator=accumulator, scheduler=scheduler, grad_scaler=grad_scaler
+    )
     accumulator_state = files.rank_state(path, meta, state["accumulator"], accumulator.plan.world_size, dist.rank())
     # Everything that can be refused is refused before anything changes: the model's and optimizer's fit here,
     # then the accumulator (which checks its whole state before it changes), then the loads that cannot fail.

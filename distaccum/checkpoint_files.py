@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,25 +153,66 @@ def _malformed(meta: Any) -> str | None:
     """What is wrong with the shape of a meta.json (None: the fields distaccum reads have their types)."""
     if not isinstance(meta, dict):
         return f"a {type(meta).__name__}, not an object"
-    for field in ("step", "serial", "micro_step"):
-        value = meta.get(field, None if field == "step" else 0)  # step is always written; the others since format 2
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    return _first_problem(meta, _META_CHECKS)
+
+
+def _first_problem(value: dict[str, Any], checks: tuple[Callable[[dict[str, Any]], str | None], ...]) -> str | None:
+    """The problem the first of ``checks`` finds in ``value`` (None: none finds one). Each check may rely on the
+    ones before it having passed."""
+    for check in checks:
+        problem = check(value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _counts_problem(meta: dict[str, Any]) -> str | None:
+    # step is always written; the others since format 2
+    for field, absent in (("step", None), ("serial", 0), ("micro_step", 0)):
+        value = meta.get(field, absent)
+        if not _is_count(value):
             return f"{field} is {value!r}, not a count"
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
+
+
+def _plan_problem(meta: dict[str, Any]) -> str | None:
     if not isinstance(meta.get("plan", {}), dict):
         return "plan is not an object"
+    return None
+
+
+def _files_problem(meta: dict[str, Any]) -> str | None:
     listed = meta.get("files", {})
     if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
         return "files is not a mapping of file names to sha256 digests"
     outside = [name for name in listed if not trust.plain_name(name) or name == META]
     if outside:
         return f"files names {outside[0]!r}, not a plain relative name inside the checkpoint"
+    return None
+
+
+def _sizes_problem(meta: dict[str, Any]) -> str | None:
+    """After :func:`_files_problem`: ``files`` is a mapping."""
+    listed = meta.get("files", {})
     sizes = meta.get("sizes", {name: 0 for name in listed})  # since format 4
     counts = isinstance(sizes, dict) and all(type(v) is int and v >= 0 for v in sizes.values())
     if not counts or set(sizes) != set(listed):
         return "sizes is not a byte count for each of its files"
+    return None
+
+
+def _signature_field_problem(meta: dict[str, Any]) -> str | None:
     if not isinstance(meta.get("signature", ""), str):
         return "signature is not a text"
     return None
+
+
+_META_CHECKS = (_counts_problem, _plan_problem, _files_problem, _sizes_problem, _signature_field_problem)
+"""What :func:`_malformed` checks of a meta.json, in this order."""
 
 
 def candidates(root: Path) -> list[Entry]:
@@ -284,16 +326,34 @@ def _shape_problem(state: Any) -> str | None:
     """What is missing from a ``state.pt`` that save wrote (None: every field distaccum reads has its type)."""
     if not isinstance(state, dict):
         return f"{STATE} holds a {type(state).__name__}, not a dict"
-    fields = {"model": dict, "optimizer": dict, "accumulator": dict, "scheduler": dict, "grad_scaler": dict}
-    for field, kind in fields.items():
+    return _first_problem(state, _STATE_CHECKS)
+
+
+_STATE_DICTS = ("model", "optimizer", "accumulator", "scheduler", "grad_scaler")
+"""The fields of a ``state.pt`` that hold a dict, or None where the run had none (all but the accumulator)."""
+
+
+def _fields_problem(state: dict[str, Any]) -> str | None:
+    for field in _STATE_DICTS:
         value = state.get(field, ...)
-        if not (isinstance(value, kind) or (value is None and field != "accumulator")):
+        if not (isinstance(value, dict) or (value is None and field != "accumulator")):
             return f"{STATE} field {field} is {type(value).__name__ if value is not ... else 'missing'}"
     if not isinstance(state.get("data_state"), dict):
         return f"{STATE} field data_state is not a dict"
-    counts = [state["accumulator"].get(field) for field in ("optimizer_steps", "micro_step")]
-    if not isinstance(state["accumulator"].get("plan"), dict) or not all(type(count) is int for count in counts):
+    return None
+
+
+def _accumulator_problem(state: dict[str, Any]) -> str | None:
+    """After :func:`_fields_problem`: the accumulator's state is a dict."""
+    accumulator = state["accumulator"]
+    counts = [accumulator.get(field) for field in ("optimizer_steps", "micro_step")]
+    if not isinstance(accumulator.get("plan"), dict) or not all(type(count) is int for count in counts):
         return f"{STATE} accumulator state lacks its plan or step counts"
+    return None
+
+
+def _optimizer_problem(state: dict[str, Any]) -> str | None:
+    """After :func:`_fields_problem`: the optimizer's state is a dict or None."""
     optimizer = state["optimizer"]
     if optimizer is None:
         return None
@@ -302,10 +362,16 @@ def _shape_problem(state: Any) -> str | None:
         return f"{STATE} optimizer state lacks its state or param_groups"
     if not all(isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups):
         return f"{STATE} optimizer param_groups are not groups of params"
+    if not all(type(param) is int for group in groups for param in group["params"]):
+        return f"{STATE} optimizer param_groups name parameters by something other than their index"
     ids = {param for group in groups for param in group["params"]}
     if not all(isinstance(value, dict) and name in ids for name, value in optimizer["state"].items()):
         return f"{STATE} optimizer state names parameters its param_groups do not hold"
     return None
+
+
+_STATE_CHECKS = (_fields_problem, _accumulator_problem, _optimizer_problem)
+"""What :func:`_shape_problem` checks of a ``state.pt``, in this order."""
 
 
 def remove_leftovers(root: Path) -> None:
@@ -316,7 +382,7 @@ def remove_leftovers(root: Path) -> None:
     (root / f".{LATEST}.tmp").unlink(missing_ok=True)
 
 
-def publish(root: Path, temporary: Path, name: str, meta: dict[str, Any], keep: int, key: bytes | None) -> Path:
+def publish(root: Path, temporary: Path, name: str, meta: dict[str, Any], *, keep: int, key: bytes | None) -> Path:
     """Seal ``temporary`` (hashes, sizes, serial, a signature with ``key``, meta.json), flush it to the disk, make
     it ``root/name``, name it in ``latest``, prune. Every rename comes after the data it publishes is on disk."""
     existing = complete(root)

@@ -21,23 +21,7 @@ def check_fits(
     Raises:
         ValueError: names the first tensor or parameter group that does not fit, and both shapes or counts.
     """
-    live = module.state_dict()
-    missing, unexpected = sorted(set(live) - set(model_state)), sorted(set(model_state) - set(live))
-    wrong = [
-        name
-        for name, value in live.items()
-        if isinstance(value, torch.Tensor)
-        and name in model_state
-        and (not isinstance(model_state[name], torch.Tensor) or model_state[name].shape != value.shape)
-    ]
-    problem = None
-    if wrong:
-        name = wrong[0]
-        saved = tuple(model_state[name].shape) if isinstance(model_state[name], torch.Tensor) else "not a tensor"
-        here = tuple(live[name].shape)
-        problem = f"{name} has shape {saved} there and {here} here ({len(wrong)} tensor(s) differ)"
-    elif missing or unexpected:
-        problem = f"tensors missing there: {missing[:3]}, unknown here: {unexpected[:3]}"
+    problem = _model_problem(model_state, module.state_dict())
     saved_groups = [len(group["params"]) for group in optimizer_state["param_groups"]]
     live_groups = [len(group["params"]) for group in optimizer.param_groups]
     if problem is None and saved_groups != live_groups:
@@ -50,17 +34,48 @@ def check_fits(
         )
 
 
+def _model_problem(model_state: dict[str, Any], live: dict[str, Any]) -> str | None:
+    """The first tensor of ``live`` (the model's state) that ``model_state`` holds in another shape, or the tensors
+    one of them lacks (None: they fit)."""
+    missing = sorted(set(live) - set(model_state))
+    unexpected = sorted(set(model_state) - set(live))
+    wrong = [
+        name
+        for name, value in live.items()
+        if isinstance(value, torch.Tensor)
+        and name in model_state
+        and (not isinstance(model_state[name], torch.Tensor) or model_state[name].shape != value.shape)
+    ]
+    if wrong:
+        name = wrong[0]
+        saved = tuple(model_state[name].shape) if isinstance(model_state[name], torch.Tensor) else "not a tensor"
+        here = tuple(live[name].shape)
+        return f"{name} has shape {saved} there and {here} here ({len(wrong)} tensor(s) differ)"
+    if missing or unexpected:
+        return f"tensors missing there: {missing[:3]}, unknown here: {unexpected[:3]}"
+    return None
+
+
 def check_kind(
     path: Path,
     meta: dict[str, Any],
     state: dict[str, Any],
     layout: str,
+    *,
     model: nn.Module,
     accumulator: Any,
     **optional: Any,
 ) -> None:
     """Refuse a checkpoint of another kind of run: with(out) a scheduler or scaler, another model layout, another
     DeepSpeed world size."""
+    _check_optional(path, state, optional)
+    _check_layout(path, meta, layout, model)
+    _check_engine(path, meta, layout, model, accumulator)
+
+
+def _check_optional(path: Path, state: dict[str, Any], optional: dict[str, Any]) -> None:
+    """Refuse a scheduler or scaler state without the object to load it into (or the reverse), and an enabled
+    GradScaler for the empty state of a disabled one."""
     for field, target in optional.items():
         if (state[field] is None) != (target is None):
             raise ValueError(
@@ -74,6 +89,10 @@ def check_kind(
             f"checkpoint {path} has an empty grad_scaler state (saved from a disabled GradScaler) but grad_scaler "
             "is enabled; pass a GradScaler built as the run that saved it (enabled=False)"
         )
+
+
+def _check_layout(path: Path, meta: dict[str, Any], layout: str, model: nn.Module) -> None:
+    """Refuse a replicated model's checkpoint for a sharded model, and a sharded one for any other."""
     if not meta.get("sharded") and layout == "sharded":
         raise ValueError(
             f"checkpoint {path} holds a replicated model's state but model is a sharded {type(model).__name__}; "
@@ -84,6 +103,10 @@ def check_kind(
             f"checkpoint {path} holds a sharded (FSDP) model's state but model is a {layout} "
             f"{type(model).__name__}; resume it with the FSDP model that saved it"
         )
+
+
+def _check_engine(path: Path, meta: dict[str, Any], layout: str, model: nn.Module, accumulator: Any) -> None:
+    """Refuse a DeepSpeed engine's checkpoint for another model (or the reverse), or on another world size."""
     saved_by = meta.get("engine_world_size")
     if (saved_by is not None) != (layout == "engine"):
         raise ValueError(

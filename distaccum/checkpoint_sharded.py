@@ -190,7 +190,6 @@ def check_slices(directory: Path, metadata: Any) -> None:
         ValueError: names the slice's file, its offset and the rule.
     """
     from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     where = f"checkpoint file {directory / '.metadata'}"
     slices = getattr(metadata, "storage_data", None)
@@ -198,31 +197,54 @@ def check_slices(directory: Path, metadata: Any) -> None:
         raise ValueError(f"{where} has no map of storage slices; refused, nothing was read")
     entries = getattr(metadata, "state_dict_metadata", None) or {}
     for index, info in slices.items():
-        name, offset, length = info.relative_path, info.offset, info.length
-        here = f"{where} points at {name!r}"
-        if not trust.plain_name(name):
-            raise ValueError(f"{here}: not a plain file name inside {directory}; refused, nothing was read")
-        if info.transform_descriptors:
-            raise ValueError(f"{here}: a transform ({info.transform_descriptors}), which distaccum never writes")
-        if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
-            raise ValueError(f"{here}: offset {offset!r} and length {length!r} are not byte counts")
-        with (directory / name).open("rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if offset + length > size:
-                raise ValueError(f"{here}: bytes {offset}..{offset + length} of a {size}-byte file")
-            try:
-                part = io.BufferedReader(trust.FileSlice(file, offset, length))
-                trust.check_torch_stream(part, length, f"{name} at byte {offset}")
-                if isinstance(entries.get(getattr(index, "fqn", None)), BytesStorageMetadata):
-                    part.seek(0)
-                    torch.load(part, weights_only=True)
-            except trust.Untrusted as error:
-                raise ValueError(f"{here}: {error}; refused before torch.load read it") from None
-            except pickle.UnpicklingError as error:
-                raise ValueError(
-                    f"{here}: an entry that holds objects other than tensors and plain data, which could run code "
-                    f"when loaded; it was refused without loading them. ({trust.refusal_reason(error)})"
-                ) from None
+        here = f"{where} points at {info.relative_path!r}"
+        _check_slice_bounds(directory, here, info)
+        _check_slice_bytes(directory, here, info, entries, index)
+
+
+def _check_slice_bounds(directory: Path, here: str, info: Any) -> None:
+    """Refuse a slice (a ``_StorageInfo``) outside ``directory``, with a transform, or of no byte range."""
+    name = info.relative_path
+    offset = info.offset
+    length = info.length
+    if not trust.plain_name(name):
+        raise ValueError(f"{here}: not a plain file name inside {directory}; refused, nothing was read")
+    if info.transform_descriptors:
+        raise ValueError(f"{here}: a transform ({info.transform_descriptors}), which distaccum never writes")
+    if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
+        raise ValueError(f"{here}: offset {offset!r} and length {length!r} are not byte counts")
+
+
+def _check_slice_bytes(directory: Path, here: str, info: Any, entries: Any, index: Any) -> None:
+    """After :func:`_check_slice_bounds`: refuse a slice past its file's end, or that is not a torch zip fitting in
+    it; load a non-tensor entry's slice (its ``.metadata`` entry in ``entries`` is bytes) with ``weights_only``."""
+    name = info.relative_path
+    offset = info.offset
+    length = info.length
+    with (directory / name).open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if offset + length > size:
+            raise ValueError(f"{here}: bytes {offset}..{offset + length} of a {size}-byte file")
+        try:
+            part = io.BufferedReader(trust.FileSlice(file, offset, length))
+            trust.check_torch_stream(part, length, f"{name} at byte {offset}")
+            if _holds_bytes(entries, index):
+                part.seek(0)
+                torch.load(part, weights_only=True)
+        except trust.Untrusted as error:
+            raise ValueError(f"{here}: {error}; refused before torch.load read it") from None
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{here}: an entry that holds objects other than tensors and plain data, which could run code "
+                f"when loaded; it was refused without loading them. ({trust.refusal_reason(error)})"
+            ) from None
+
+
+def _holds_bytes(entries: Any, index: Any) -> bool:
+    """Whether the slice at ``index`` holds a non-tensor entry of ``entries`` (pickled by ``torch.save``)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    return isinstance(entries.get(getattr(index, "fqn", None)), BytesStorageMetadata)
 
 
 def check_fits(directory: Path, model_state: dict[str, Any]) -> None:

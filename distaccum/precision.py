@@ -1,4 +1,5 @@
-"""Low-precision parameters under accumulation: a window's gradients summed in float32 (:class:`Fp32Window`).
+"""Low-precision parameters under accumulation: a window's gradients summed in float32 (:class:`Fp32Sums`, reduced by
+:class:`distaccum.reduction.ByHand`).
 
 With ``model.to(torch.bfloat16)`` every ``.grad`` is bf16, and autograd adds each micro-step's gradient into it:
 a bf16 sum, whose rounding grows with ``accum_steps``. Megatron (``main_grad``) and DeepSpeed (``grad_accum_dtype``)
@@ -44,17 +45,12 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
-import torch.distributed as torch_dist
 from torch.utils.hooks import RemovableHandle
 
 from distaccum.backends.base import Backend, Params, params_of
-
-if TYPE_CHECKING:
-    from distaccum.weighting import WindowLedger
 
 LOW = (torch.bfloat16, torch.float16)
 AccumulateDtype = torch.dtype | Literal["auto"] | None
@@ -80,53 +76,53 @@ def warn_if_low(params: Params, accum_steps: int, wrapper_dtype: torch.dtype | N
         )
 
 
-def refusal(backend: Backend) -> tuple[str, str] | None:
-    """Why float32 sums cannot be made exact on ``backend``'s wrapper, and the fix (None: they can)."""
-    if backend.syncs_in_window:
-        return (
-            f"grad_sync={backend.grad_sync!r} reduces the gradients in every micro-step's backward, which adds them "
-            "to the reduced sum so far in the parameters' dtype",
-            "Use grad_sync='boundary' (the default) with accumulate_dtype=torch.float32",
+def check_accumulate_dtype(accumulate_dtype: object) -> None:
+    """Raises:
+    ValueError: ``accumulate_dtype`` is not ``"auto"``, ``torch.float32`` or None."""
+    if not (accumulate_dtype is None or accumulate_dtype == "auto" or accumulate_dtype == torch.float32):
+        raise ValueError(
+            f"accumulate_dtype must be torch.float32 (sum bf16/fp16 gradients in float32), None (in their own "
+            f"dtype) or 'auto' (float32 where it is exact), got {accumulate_dtype!r}"
         )
-    if backend.name == "fsdp1":
-        return (
-            "FSDP1 keeps a window's unsynced gradients in its own flat buffers, in the parameters' dtype",
-            "Use FSDP2 (fully_shard) with MixedPrecisionPolicy(reduce_dtype=torch.float32), which sums in float32",
-        )
-    if backend.name == "deepspeed":
-        return (
-            "DeepSpeed keeps a window's gradients in its own buffers",
-            'Set "data_types": {"grad_accum_dtype": "fp32"} in the DeepSpeed config (ZeRO stage 2)',
-        )
-    if backend.name == "fsdp2":
-        dtype = backend.accumulation_dtype() or "None: the parameters' dtype"
-        return (
-            f"FSDP2 sums a window's unsharded gradients in its reduce_dtype ({dtype})",
-            "Pass fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
-            "reduce_dtype=torch.float32)), which sums in float32",
-        )
-    if backend.name not in ("plain", "ddp"):
-        return f"{backend.name} has no float32 window in distaccum", "Sum in float32 through the wrapper's own option"
-    if getattr(backend.model, "static_graph", False):
-        return (
-            "DDP(static_graph=True) must sync its first backward through DDP's own reduction, in the parameters' "
-            "dtype, before the window's float32 sums could be reduced once",
-            "Pass static_graph=False (under distaccum DDP syncs once per window anyway)",
-        )
-    return None
 
 
-class Fp32Window:
-    """Float32 sums of a window's bf16/fp16 gradients, reduced over DDP ranks and rounded once at the boundary.
+def wants_float32_sums(
+    accumulate_dtype: AccumulateDtype, optimizer: torch.optim.Optimizer, accum_steps: int, backend: Backend
+) -> bool:
+    """Whether the window's bf16/fp16 gradients are summed in float32 by distaccum (see the module docstring);
+    where they are summed in their own dtype, with :func:`warn_if_low`'s warning, unless ``accumulate_dtype`` is
+    None.
 
-    In front of the backend for what touches the window's gradients (the accumulator calls ``backward``,
-    ``reduce_pending``, ``discard_grads``, ``window_grads`` and ``restore_window_grads`` here instead of there); build
-    it with :meth:`build`, which decides whether there is one.
+    Raises:
+        ValueError: ``accumulate_dtype`` is not ``"auto"``, ``torch.float32`` or None, or ``torch.float32`` on a
+            wrapper where float32 sums cannot be made exact (the message names the fix).
+    """
+    check_accumulate_dtype(accumulate_dtype)
+    params = params_of(optimizer)
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.requires_grad and p.dtype in LOW})
+    # Reduced in every backward, the shards' sum is kept in the parameters' dtype whatever the wrapper reduces in.
+    wrapper = None if backend.syncs_in_window else backend.accumulation_dtype()
+    if accumulate_dtype is None or not low or wrapper == torch.float32:  # nothing to do, or the wrapper does it
+        return False
+    problem = backend.float32_sums_refusal()
+    if accumulate_dtype == "auto" and (accum_steps == 1 or problem is not None):
+        warn_if_low(params, accum_steps, wrapper, None if problem is None else f"Here {problem[0]}. {problem[1]}.")
+        return False
+    if problem is not None:
+        raise ValueError(
+            f"accumulate_dtype=torch.float32 sums the window's {' and '.join(low)} gradients in float32 buffers "
+            f"that distaccum reduces by hand at the boundary; here {problem[0]}. {problem[1]}, or pass "
+            f"accumulate_dtype=None to sum them in {' and '.join(low)}."
+        )
+    return True
+
+
+class Fp32Sums:
+    """Float32 sums of a window's bf16/fp16 micro-gradients, one per parameter, folded in by hooks as autograd
+    produces each gradient. :class:`distaccum.reduction.ByHand` reduces and rounds them at the boundary.
 
     Args:
-        backend: the model's backend (plain or DDP).
-        optimizer: the optimizer, whose parameters are read at every use.
-        window: the accumulator's window ledger (its position says where a window starts).
+        optimizer: the optimizer, whose parameters are read at every use (a group added later gets its hooks).
 
     Example:
         >>> from distaccum import Accumulator, BatchPlan
@@ -140,81 +136,32 @@ class Fp32Window:
         [torch.float32, torch.float32]
     """
 
-    def __init__(self, backend: Backend, optimizer: torch.optim.Optimizer, window: WindowLedger) -> None:
-        self.backend = backend
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
-        self.window = window
         self.sums: dict[torch.Tensor, torch.Tensor] = {}
         """Per bf16/fp16 parameter: the float32 sum of its micro-gradients so far in the open window."""
-        self._collecting = False
+        self.collecting = False
+        """A backward is running whose gradients the hooks fold into the sums."""
         self._absorb_due = True  # the window's first micro-gradient is in param.grad; new parameters need their hook
         self._hooks: dict[torch.Tensor, RemovableHandle] = {}
-        self._reduce: Callable[[list[torch.Tensor], float], None] | None = None
-        if backend.name == "ddp":
-            from distaccum.backends.ddp import DDPBackend
+        weakref.finalize(self, _remove, self._hooks)  # the hooks hold no reference to the sums
 
-            assert isinstance(backend, DDPBackend)
-            self._reduce = backend.reduce_tensors
-        weakref.finalize(self, _remove, self._hooks)  # the hooks hold no reference to the window
+    def begin_window(self) -> None:
+        """The window's first micro-step: its gradient stays in ``param.grad`` (a window of one is untouched)."""
+        self.sums.clear()  # left by a window that did not step
+        self.collecting = False
+        self._absorb_due = True
 
-    @classmethod
-    def build(
-        cls,
-        accumulate_dtype: AccumulateDtype,
-        optimizer: torch.optim.Optimizer,
-        accum_steps: int,
-        backend: Backend,
-        window: WindowLedger,
-    ) -> Fp32Window | None:
-        """The window for ``accumulate_dtype`` (see the module docstring), or None where the gradients are summed in
-        their own dtype (then with :func:`warn_if_low`'s warning, unless ``accumulate_dtype`` is None).
+    def collect_next(self) -> None:
+        """Before a later micro-step's backward: fold what is in ``param.grad`` once, then let the hooks collect."""
+        if self._absorb_due:  # once per window (and after a restore), not a loop over the parameters per micro-step
+            self.absorb()
+            self._absorb_due = False
+        self.collecting = True
 
-        Raises:
-            ValueError: ``accumulate_dtype`` is not ``"auto"``, ``torch.float32`` or None, or ``torch.float32`` on a
-                wrapper where float32 sums cannot be made exact (the message names the fix).
-        """
-        if not (accumulate_dtype is None or accumulate_dtype == "auto" or accumulate_dtype == torch.float32):
-            raise ValueError(
-                f"accumulate_dtype must be torch.float32 (sum bf16/fp16 gradients in float32), None (in their own "
-                f"dtype) or 'auto' (float32 where it is exact), got {accumulate_dtype!r}"
-            )
-        params = params_of(optimizer)
-        low = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.requires_grad and p.dtype in LOW})
-        # Reduced in every backward, the shards' sum is kept in the parameters' dtype whatever the wrapper reduces in.
-        wrapper = None if backend.syncs_in_window else backend.accumulation_dtype()
-        if accumulate_dtype is None or not low or wrapper == torch.float32:  # nothing to do, or the wrapper does it
-            return None
-        problem = refusal(backend)
-        if accumulate_dtype == "auto" and (accum_steps == 1 or problem is not None):
-            warn_if_low(params, accum_steps, wrapper, None if problem is None else f"Here {problem[0]}. {problem[1]}.")
-            return None
-        if problem is not None:
-            raise ValueError(
-                f"accumulate_dtype=torch.float32 sums the window's {' and '.join(low)} gradients in float32 buffers "
-                f"that distaccum reduces by hand at the boundary; here {problem[0]}. {problem[1]}, or pass "
-                f"accumulate_dtype=None to sum them in {' and '.join(low)}."
-            )
-        return cls(backend, optimizer, window)
-
-    def backward(self, loss: torch.Tensor, weight: float) -> None:
-        """The backend's backward of ``weight * loss``; from a window's 2nd micro-step on, hooks fold into sums."""
-        if self.window.position == 0:
-            self.sums.clear()  # left by a window that did not step
-            self._collecting = False
-            self._absorb_due = True
-        else:
-            if self._absorb_due:  # once per window (and after a restore), not a loop over the parameters per micro-step
-                self._absorb()
-                self._absorb_due = False
-            self._collecting = True
-        try:
-            self.backend.backward(loss, weight)
-        finally:
-            self._collecting = False
-
-    def _absorb(self) -> None:
-        # The first micro-gradient (and any that reached param.grad past the hooks) joins the sums; parameters added
-        # to the optimizer since the last call get their hook.
+    def absorb(self) -> None:
+        """The first micro-gradient (and any that reached ``param.grad`` past the hooks) joins the sums; parameters
+        added to the optimizer since the last call get their hook."""
         for param in params_of(self.optimizer):
             if param.dtype not in LOW or not param.requires_grad:
                 continue
@@ -223,70 +170,24 @@ class Fp32Window:
                     functools.partial(_fold, weakref.ref(self))
                 )
             if param.grad is not None:
-                total = self.sums.get(param)
-                self.sums[param] = param.grad.float() if total is None else total.add_(param.grad)
-                param.grad = None
+                self.fold(param)
 
-    def finish(self, params: Params, factor: float, before_reduction: float = 1.0, *, skip: bool = False) -> float:
-        """At the boundary: the sums, times ``factor``, averaged over DDP ranks, into ``param.grad`` (one rounding).
+    def fold(self, param: torch.Tensor) -> None:
+        """``param.grad`` into its float32 sum; ``param.grad`` dropped."""
+        assert param.grad is not None
+        total = self.sums.get(param)
+        self.sums[param] = param.grad.float() if total is None else total.add_(param.grad)
+        param.grad = None
 
-        Args:
-            params: the optimizer's parameters.
-            factor: the window's factor (rank-consistent), folded into the reduction.
-            before_reduction: this rank's own factor, applied before the reduction (``auto_micro_batch``).
-            skip: the window does not step: its sums are dropped.
+    def take(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The window's sums, every gradient absorbed; the sums start empty again."""
+        self.absorb()
+        sums = self.sums
+        self.sums = {}
+        return sums
 
-        Returns:
-            The factor the step still has to apply: 1.0, or ``factor`` when the window is skipped.
-        """
-        if skip:
-            self.sums.clear()
-            return factor
-        if self._reduce is None and not self.sums and factor * before_reduction == 1.0:
-            return 1.0  # one micro-step, one process: its gradient is already the step's, in the parameters' dtype
-        self._absorb()
-        sums, self.sums = self.sums, {}
-        ddp = self._reduce is not None
-        owners = [p for p in params if p.requires_grad and (ddp or p in sums or p.grad is not None)]
-        # Float32 sums; other dtypes' gradients in place; zeros where a DDP rank has none (every rank reduces alike).
-        present = [p in sums or p.grad is not None for p in owners]
-        tensors = [
-            sums.pop(p) if p in sums else p.grad if p.grad is not None else torch.zeros_like(p, dtype=_sum_dtype(p))
-            for p in owners
-        ]
-        if self._reduce is not None and owners:
-            if before_reduction != 1.0:
-                torch._foreach_mul_(tensors, before_reduction)
-            # Whether each parameter had a gradient on some rank, summed in the same all-reduce.
-            had = torch.tensor(present, dtype=torch.float32, device=owners[0].device)
-            self._reduce([*tensors, had], factor)
-            if not all(present):  # read only where this rank lacked some gradient (a host sync)
-                present = [bool(flag) for flag in had.tolist()]
-            _broadcast_buffers(self.backend)
-        elif factor * before_reduction != 1.0 and tensors:
-            torch._foreach_mul_(tensors, factor * before_reduction)
-        for index, (param, has) in enumerate(zip(owners, present, strict=True)):
-            total = tensors[index]
-            if not has:
-                param.grad = None
-            elif total.dtype != param.dtype:
-                param.grad = total.to(param.dtype)
-                tensors[index] = param.grad  # the float32 sum is freed as it is rounded: no second full copy
-            elif param.grad is None:
-                param.grad = total
-        return 1.0
-
-    def reduce_pending(self, params: Params) -> None:
-        """Nothing before the step: :meth:`finish` reduces the window (end of data mid-window too)."""
-
-    def discard_grads(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the window's sums and the backend's gradients."""
-        self.sums.clear()
-        self.backend.discard_grads(optimizer)
-
-    def window_grads(self, params: Params, where: str) -> list[torch.Tensor | None]:
-        """The backend's copies of the open window's gradients, with the float32 sums in place of bf16/fp16 ones."""
-        grads = self.backend.window_grads(params, where)
+    def with_sums(self, params: Params, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """``grads`` (copies of ``param.grad``) with the float32 sums in place of bf16/fp16 ones."""
         for index, param in enumerate(params):
             total = self.sums.get(param)
             if total is not None:
@@ -294,11 +195,10 @@ class Fp32Window:
                 grads[index] = total.clone() if grad is None else total + grad
         return grads
 
-    def restore_window_grads(self, params: Params, grads: list[torch.Tensor | None]) -> None:
-        """The backend's restore (which checks that they fit), then saved float32 sums back into the sums."""
+    def restore(self, params: Params, grads: list[torch.Tensor | None]) -> None:
+        """After the gradients were put back into ``param.grad``: saved float32 sums back into the sums."""
         self.sums.clear()
         self._absorb_due = True
-        self.backend.restore_window_grads(params, grads)
         for param, grad in zip(params, grads, strict=True):
             if grad is not None and param.dtype in LOW and param.grad is not None:
                 self.sums[param] = grad.detach().to(param.device, torch.float32, copy=True)
@@ -310,36 +210,19 @@ class Fp32Window:
         return sum(total.numel() * total.element_size() for total in self.sums.values())
 
 
-def _fold(window_ref: weakref.ref[Fp32Window], param: torch.Tensor) -> None:
+def _fold(sums_ref: weakref.ref[Fp32Sums], param: torch.Tensor) -> None:
     """The post-accumulate-grad hook: this backward's gradient of ``param`` into its float32 sum."""
-    window = window_ref()
-    if window is None or not window._collecting or param.grad is None:
+    sums = sums_ref()
+    if sums is None or not sums.collecting or param.grad is None:
         return
-    total = window.sums.get(param)
-    window.sums[param] = param.grad.float() if total is None else total.add_(param.grad)
-    param.grad = None
+    sums.fold(param)
 
 
-def _sum_dtype(param: torch.Tensor) -> torch.dtype:
+def sum_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype a window's gradient of ``param`` is summed in by hand."""
     return torch.float32 if param.dtype in LOW else param.dtype
 
 
 def _remove(hooks: dict[torch.Tensor, RemovableHandle]) -> None:
     for handle in hooks.values():
         handle.remove()
-
-
-def _broadcast_buffers(backend: Backend) -> None:
-    """DDP's buffer sync from rank 0 (``broadcast_buffers``), which no forward made in a window without sync."""
-    model = backend.model
-    buffers = list(getattr(model, "modules_buffers", ())) if getattr(model, "broadcast_buffers", False) else []
-    if not buffers:
-        return
-    from distaccum.backends.ddp import buckets
-
-    group = getattr(model, "process_group", None)
-    for bucket in buckets(buffers, int(getattr(model, "bucket_bytes_cap", 25 * 2**20))):
-        flat = torch._utils._flatten_dense_tensors(bucket)
-        torch_dist.broadcast(flat, src=0 if group is None else torch_dist.get_global_rank(group, 0), group=group)
-        for buffer, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
-            buffer.copy_(synced)

@@ -52,7 +52,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(message in str(error) for message in OOM_MESSAGES)
 
 
-def check_model(model: nn.Module, backend: str, batch_norm: str = "exact") -> None:
+def check_model(model: nn.Module, backend: Backend, batch_norm: str = "exact") -> None:
     """Refuse setups where a rank that stops early would leave its peers in a collective; warn when a rerun window
     would update BatchNorm running statistics twice (``batch_norm`` other than ``"exact"``).
 
@@ -66,15 +66,9 @@ def check_model(model: nn.Module, backend: str, batch_norm: str = "exact") -> No
             "batch_norm='exact' (statistics updated once per step, from the window that stepped).",
             stacklevel=3,
         )
-    problem = None
-    if backend not in ("plain", "ddp"):
-        problem = f"{backend} makes collectives inside forward and backward (parameter gathers)"
-    elif getattr(model, "static_graph", False):
-        problem = "DDP(static_graph=True) must sync its first backward, before the ranks could agree"
-    elif any(isinstance(layer, nn.SyncBatchNorm) for layer in model.modules()):
+    problem = backend.collective_free_refusal()
+    if problem is None and any(isinstance(layer, nn.SyncBatchNorm) for layer in model.modules()):
         problem = "SyncBatchNorm all-gathers statistics in every forward"
-    elif getattr(model, "broadcast_buffers", False) and any(True for _ in model.buffers()):
-        problem = "DDP(broadcast_buffers=True) broadcasts the buffers in every forward; pass broadcast_buffers=False"
     if problem:
         raise ValueError(
             f"auto_micro_batch=True needs a model whose forward and backward make no collective, so that a rank "
@@ -143,14 +137,6 @@ def shrink(acc: Accumulator) -> int:
         stacklevel=4,
     )
     return smaller
-
-
-def reduce_window(backend: Backend, params: list[torch.Tensor], factor: float) -> None:
-    """The window's one gradient reduction, by hand, now that every rank knows none ran out of memory, with the
-    window's ``factor`` folded in (one pass over the gradients)."""
-    if factor != 1.0:
-        backend.scale_grads(params, factor)
-    backend.reduce_pending(params)
 
 
 def _release_memory() -> None:

@@ -15,7 +15,7 @@ import torch
 from distaccum import collectives
 from distaccum.backends import Backend, params_of
 from distaccum.plan import BatchPlan
-from distaccum.precision import Fp32Window
+from distaccum.reduction import InBackward
 from distaccum.schedule import PlanTracker
 from distaccum.weighting import WindowLedger
 
@@ -29,7 +29,7 @@ class AccumulatorState:
     _plans: PlanTracker
     _window: WindowLedger
     _backend: Backend
-    _fp32: Fp32Window | None
+    _reduction: InBackward
     _auto: bool
     check_ranks: bool
     _agreed: bool
@@ -39,7 +39,7 @@ class AccumulatorState:
     _backward_begun: bool
     _broken: str | None
 
-    def _finish_window(self, *, local: bool = False, reduced: bool = False) -> None:
+    def _finish_window(self, *, local: bool = False) -> None:
         raise NotImplementedError  # the accumulator's boundary: factor, step, StepResult
 
     def _check_agreement(self) -> None:
@@ -109,7 +109,7 @@ class AccumulatorState:
         }
         if include_grads and self._window.position:
             # With float32 sums of bf16/fp16 gradients (distaccum.precision), those sums, in float32.
-            state["grads"] = (self._fp32 or self._backend).window_grads(params_of(self.optimizer), self._window.where)
+            state["grads"] = self._reduction.window_grads(params_of(self.optimizer), self._window.where)
             if self._window.batch_norm is not None:  # this rank's own, as the gradients
                 state["window_batch_norm"] = self._window.batch_norm.state_dict()
         return state
@@ -159,9 +159,9 @@ class AccumulatorState:
                 statistics = True
         # Nothing is refused from here on. The open window's gradients would be added to the loaded ones.
         if window.position:
-            (self._fp32 or self._backend).discard_grads(self.optimizer)
+            self._reduction.discard_grads(self.optimizer)
         if grads is not None:
-            (self._fp32 or self._backend).restore_window_grads(params, grads)
+            self._reduction.restore_window_grads(params, grads)
         if window.batch_norm is not None and not statistics:
             window.batch_norm.reset()
         self._plans.restore(plan, consumed)
@@ -188,7 +188,7 @@ class AccumulatorState:
         self._window.discarded = True
         if not boundary and not self._backend.syncs_in_window:
             return
-        if not self._backward_begun and self._reduces_in_backward() and self._backend.join_reduction():
+        if not self._backward_begun and self._reduction.in_backward and self._backend.join_reduction():
             self._backward_done = True  # the peers' reduction was joined with zeros: the window ends with theirs
         if not boundary:
             return
@@ -213,13 +213,8 @@ class AccumulatorState:
         if not self._auto and self._window.needs_item_agreement(None):
             self._window.agree_on_items(*collectives.agree_on_item_mode(None, abstain=True))
 
-    def _reduces_in_backward(self) -> bool:  # else by hand, at the boundary's close (precision.py, resize.py)
-        return self._fp32 is None and not self._auto
-
     def _discard_window(self) -> None:  # local, unsynced gradients of a window that will never step
-        if self._fp32 is not None:
-            self._fp32.sums.clear()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._reduction.drop_unreduced(self.optimizer)
         self._window.reset()
 
     def __repr__(self) -> str:

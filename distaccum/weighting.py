@@ -77,6 +77,72 @@ class StepResult:
     ``Accumulator(noise_scale=decay)``: around it a bigger batch stops paying (:mod:`distaccum.noise`)."""
 
 
+Scalar = float | torch.Tensor
+"""A value the boundary's all-reduce carries: a float, or a 0-dim tensor still on the model's device (read once,
+with the others)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WindowStats:
+    """What the boundary's one all-reduce sums over ranks: one rank's window (:meth:`WindowLedger.local_stats`),
+    or, after the sum, every rank's (counts of ranks where a field is a rank's 0/1). Flattened to a list of scalars
+    and back by :meth:`values` and :meth:`from_values` (the field order is the wire layout; both sides build it)."""
+
+    items: Scalar
+    """Items of the window (``num_items`` summed)."""
+    loss_sum: Scalar
+    """Loss sum of the window (item-weighted with items)."""
+    micro_steps: float
+    """Micro-steps the window ran."""
+    item_ranks: float
+    """Ranks that gave ``num_items`` in the window."""
+    mean_ranks: float
+    """Ranks that did not."""
+    discarding_ranks: float
+    """Ranks whose window was discarded (a micro-step raised, or ``discard_window()``)."""
+    out_of_memory_ranks: float
+    """Ranks that ran out of memory under ``auto_micro_batch``."""
+    nonfinite_ranks: Scalar
+    """Ranks whose part of the reduced gradient holds a NaN/inf (when checked before the all-reduce)."""
+    noise: tuple[Scalar, ...] = ()
+    """The noise scale's small-batch reading (:meth:`distaccum.noise.NoiseScale.local_stats`; empty when off)."""
+    batch_norm: tuple[Scalar, ...] = ()
+    """Exact BatchNorm's window statistics (:meth:`distaccum.batchnorm.BatchNormWindow.local_stats`)."""
+
+    def values(self) -> list[Scalar]:
+        """The fields in wire order, flattened."""
+        fixed = [
+            self.items,
+            self.loss_sum,
+            self.micro_steps,
+            self.item_ranks,
+            self.mean_ranks,
+            self.discarding_ranks,
+            self.out_of_memory_ranks,
+            self.nonfinite_ranks,
+        ]
+        return [*fixed, *self.noise, *self.batch_norm]
+
+    def from_values(self, summed: list[float]) -> WindowStats:
+        """The record of ``summed`` (:meth:`values` of every rank's record, summed), in this record's layout."""
+        if len(summed) != len(self.values()):
+            raise ValueError(f"the window's stats have {len(self.values())} values, the sum has {len(summed)}")
+        fixed = len(summed) - len(self.noise) - len(self.batch_norm)
+        noise_end = fixed + len(self.noise)
+        return WindowStats(
+            items=summed[0],
+            loss_sum=summed[1],
+            micro_steps=summed[2],
+            item_ranks=summed[3],
+            mean_ranks=summed[4],
+            discarding_ranks=summed[5],
+            out_of_memory_ranks=summed[6],
+            nonfinite_ranks=summed[7],
+            noise=tuple(summed[fixed:noise_end]),
+            batch_norm=tuple(summed[noise_end:]),
+        )
+
+
 @dataclass(frozen=True)
 class WindowClose:
     """What a finished window needs: the gradient factor, and what the step result reports."""
@@ -222,24 +288,23 @@ class WindowLedger:
         else:
             self.loss_sum.add_(loss.detach(), alpha=count)
 
-    def local_stats(self, nonfinite: float | torch.Tensor = 0.0) -> list[float | torch.Tensor]:
-        """This rank's window, to be summed over ranks: items, loss sum, micro-steps, item ranks, mean ranks,
-        discarding ranks, ranks out of memory, ranks whose part of the gradient is not finite (``nonfinite``). The
-        loss sum and the flag may be tensors on the model's device (read once, with the sum over ranks)."""
-        return [
-            float(self.items),
-            self._loss_sum(),
-            float(self.position),
-            float(self.mode == "items"),
-            float(self.mode == "mean"),
-            float(self.discarded),
-            float(self.out_of_memory),
-            nonfinite,
-            *(self.noise.local_stats() if self.noise is not None else ()),
-            *(self.batch_norm.local_stats() if self.batch_norm is not None else ()),
-        ]
+    def local_stats(self, nonfinite: Scalar = 0.0) -> WindowStats:
+        """This rank's window, to be summed over ranks (:class:`WindowStats`); ``nonfinite``: nonzero where this
+        rank's part of the reduced gradient is not finite (a flag on the model's device, or 0.0: not checked)."""
+        return WindowStats(
+            items=float(self.items),
+            loss_sum=self._loss_sum(),
+            micro_steps=float(self.position),
+            item_ranks=float(self.mode == "items"),
+            mean_ranks=float(self.mode == "mean"),
+            discarding_ranks=float(self.discarded),
+            out_of_memory_ranks=float(self.out_of_memory),
+            nonfinite_ranks=nonfinite,
+            noise=tuple(self.noise.local_stats()) if self.noise is not None else (),
+            batch_norm=tuple(self.batch_norm.local_stats()) if self.batch_norm is not None else (),
+        )
 
-    def close(self, totals: list[float], averaged_over: int) -> WindowClose:
+    def close(self, totals: WindowStats, averaged_over: int) -> WindowClose:
         """The window's factor and result from :meth:`local_stats` summed over ranks.
 
         Args:
@@ -249,20 +314,24 @@ class WindowLedger:
         Raises:
             RuntimeError: some ranks gave ``num_items`` in this window and others did not.
         """
-        items, loss_sum, micro, item_ranks, mean_ranks, discarding_ranks, out_of_memory, nonfinite = totals[:8]
-        noise, totals = (totals[8:11], totals[:8] + totals[11:]) if self.noise is not None else (None, totals)
-        if out_of_memory:  # before any check: the window's micro-steps did not all run, and it will run again
+        items = float(totals.items)
+        loss_sum = float(totals.loss_sum)
+        micro = totals.micro_steps
+        item_ranks = totals.item_ranks
+        nonfinite = float(totals.nonfinite_ranks)
+        noise = [float(value) for value in totals.noise] if self.noise is not None else None
+        if totals.out_of_memory_ranks:  # before any check: the window's micro-steps did not all run; it runs again
             return WindowClose(0.0, math.nan, int(micro), None, skip=True, retry=True)
-        if item_ranks and mean_ranks:
+        if item_ranks and totals.mean_ranks:
             raise RuntimeError(
-                f"{int(item_ranks)} rank(s) gave num_items in this window and {int(mean_ranks)} did not; all "
+                f"{int(item_ranks)} rank(s) gave num_items in this window and {int(totals.mean_ranks)} did not; all "
                 "ranks must use acc.backward(loss, num_items=...) alike."
             )
         micro_steps = int(micro)
-        if discarding_ranks:  # some rank's micro-step raised: no rank steps on this window
+        if totals.discarding_ranks:  # some rank's micro-step raised: no rank steps on this window
             return WindowClose(0.0, math.nan, micro_steps, int(items) if item_ranks else None, skip=True)
         if self.batch_norm is not None:  # the forwards happened, whether or not the optimizer steps
-            self.batch_norm.apply(list(totals[8:]))
+            self.batch_norm.apply([float(value) for value in totals.batch_norm])
         if not item_ranks:
             factor = self.accum_steps * averaged_over / micro_steps
             return WindowClose(

@@ -15,7 +15,7 @@ from torch import nn
 
 from distaccum import collectives
 from distaccum.backends import sync
-from distaccum.backends.base import Backend, StepOptions, params_of
+from distaccum.backends.base import Backend, PlainBackend, StepOptions, params_of
 from distaccum.backends.sync import GRAD_SYNC_MODES, GradSync
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "REGISTRY",
     "Backend",
     "GradSync",
+    "PlainBackend",
     "StepOptions",
     "backend_class",
     "params_of",
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 REGISTRY: tuple[tuple[str | None, str, str], ...] = (
-    # (library the user must have imported, or None; module; class), tried in order; Backend is the fallback.
+    # (library the user must have imported, or None; module; class), tried in order; PlainBackend is the fallback.
     ("deepspeed", "distaccum.backends.deepspeed", "DeepSpeedBackend"),
     (None, "distaccum.backends.ddp", "DDPBackend"),
     (None, "distaccum.backends.fsdp", "FSDP1Backend"),
@@ -57,12 +58,12 @@ def wrapper_of(model: nn.Module) -> nn.Module:
 
 
 def backend_class(model: nn.Module) -> type[Backend]:
-    """The backend class for ``model``'s wrapper (:class:`Backend` for a plain module), compiled or not."""
+    """The backend class for ``model``'s wrapper (:class:`PlainBackend` for a plain module), compiled or not."""
     model = wrapper_of(model)
     for candidate in _candidates():
         if candidate.matches(model):
             return candidate
-    return Backend
+    return PlainBackend
 
 
 def select(model: nn.Module, world_size: int, grad_sync: GradSync | None = None) -> Backend:
@@ -80,7 +81,7 @@ def select(model: nn.Module, world_size: int, grad_sync: GradSync | None = None)
     """
     chosen = backend_class(model)
     wrapper = wrapper_of(model)
-    if chosen is Backend and world_size > 1:
+    if chosen is PlainBackend and world_size > 1:
         raise ValueError(
             f"model is a plain {type(wrapper).__name__} but world_size is {world_size}: its gradients would never "
             "be averaged across ranks and every rank would train its own model. Wrap it before building the "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -31,9 +32,9 @@ def params_of(optimizer: torch.optim.Optimizer) -> Params:
 
 
 class Backend:
-    """A plain module in a single process: nothing to skip, nothing to reduce; the torch optimizer steps."""
+    """A model wrapper, as the accumulator drives it; the torch optimizer steps (:class:`PlainBackend`: none)."""
 
-    name: ClassVar[str] = "plain"
+    name: ClassVar[str] = "wrapper"
     grads_in_params: ClassVar[bool] = True
     """True when gradients accumulated without sync live in ``param.grad`` (so a mid-window state can hold
     them); False for wrappers that accumulate in private buffers (FSDP, DeepSpeed)."""
@@ -55,10 +56,13 @@ class Backend:
         self._clean: set[torch.device] = set()  # devices whose flag was last read as 0
         self._seeded = SeededBackward()
 
+    hand_reduction_is_collective: ClassVar[bool] = False
+    """:meth:`reduce_by_hand` talks to other ranks (every rank must pass the same tensors)."""
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         """Whether ``model`` is this backend's wrapper."""
-        return True
+        return False
 
     @classmethod
     def inner(cls, model: nn.Module) -> nn.Module | None:
@@ -79,11 +83,31 @@ class Backend:
 
     def grad_sync_refusal(self, mode: GradSync) -> str | None:
         """Why this wrapper cannot run ``mode``, and what to use instead (None: it can)."""
-        if mode == "boundary" or (mode == "every" and self.name == "plain"):  # one process: nothing to reduce
+        if mode == "boundary":
             return None
-        if self.name == "plain":
-            return "one process reduces nothing, so nothing is sharded. Use 'boundary' (default) or 'every' (the same)"
         return f"the {self.name} engine decides by itself when it reduces; leave grad_sync as None or 'boundary'"
+
+    def float32_sums_refusal(self) -> tuple[str, str] | None:
+        """Why distaccum's float32 sums of bf16/fp16 gradients (reduced by hand at the boundary) cannot be exact on
+        this wrapper, and the fix (None: they can)."""
+        if self.syncs_in_window:
+            return (
+                f"grad_sync={self.grad_sync!r} reduces the gradients in every micro-step's backward, which adds them "
+                "to the reduced sum so far in the parameters' dtype",
+                "Use grad_sync='boundary' (the default) with accumulate_dtype=torch.float32",
+            )
+        return f"{self.name} has no float32 window in distaccum", "Sum in float32 through the wrapper's own option"
+
+    def collective_free_refusal(self) -> str | None:
+        """Why this wrapper's forward or backward makes a collective even without sync (so that a rank that stops
+        mid-window would leave its peers in it: ``auto_micro_batch``); None: it makes none."""
+        return f"{self.name} makes collectives inside forward and backward (parameter gathers)"
+
+    def reduce_by_hand(self, tensors: list[torch.Tensor], factor: float) -> None:
+        """Average this rank's window sums ``tensors`` over the ranks in place, times ``factor`` (folded into the
+        division). Here: one process, only the factor."""
+        if factor != 1.0 and tensors:
+            torch._foreach_mul_(tensors, factor)
 
     @property
     def syncs_in_window(self) -> bool:
@@ -246,48 +270,104 @@ class Backend:
         Raises:
             FloatingPointError: the gradient is not finite and ``options.on_nonfinite`` is ``"raise"``.
         """
-        # A disabled scaler (GradScaler(enabled=args.fp16)) scales nothing and detects nothing: not a guard.
-        scaler = options.grad_scaler if options.grad_scaler is not None and options.grad_scaler.is_enabled() else None
+        scaler = enabled_scaler(options.grad_scaler)
         if window.skip:
             optimizer.zero_grad(set_to_none=True)
             return None, True
         if scaler is not None:
             scaler.unscale_(optimizer)
-        norm: float | None = None
-        multiplier = window.factor
-        if window.norm:
-            # The norm is global (every backend reduces it over shards), so the decision is the same on every rank.
-            norm = (float(self.grad_norm(params)) if window.norm_value is None else window.norm_value) * window.factor
-            found = not math.isfinite(norm)
-            if options.max_grad_norm is not None and not found:  # torch's clip coefficient, on the true norm
-                multiplier *= min(1.0, options.max_grad_norm / (norm + 1e-6))
-        elif window.nonfinite is not None:  # checked by every rank before the boundary's all-reduce
-            found = window.nonfinite
-        elif scaler is not None and self.replicated:  # unscale_ checked the gradient, which every rank shares
-            found = any(bool(flag.item()) for flag in _found_inf(scaler, optimizer).values())
-        else:
-            found, multiplier = self.check_and_scale(params, multiplier), 1.0
-        if found:
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:  # an fp16 overflow: back off, on every rank alike, and carry on
-                _record_overflow(scaler, optimizer)
-                scaler.update()
-            elif options.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"non-finite gradient {'' if norm is None else f'norm {norm} '}at optimizer step "
-                    f"{window.number}; the step was not taken. Use on_nonfinite='skip' to skip such steps on all "
-                    "ranks instead."
-                )
-            return norm, True  # None unless the norm was asked for
-        if multiplier != 1.0:
-            self.scale_grads(params, multiplier)
+        verdict = self.decide_nonfinite(optimizer, params, options, window)
+        if verdict.found:
+            self._drop_nonfinite(optimizer, options, window, verdict.norm)
+            return verdict.norm, True  # the norm is None unless it was asked for
+        if verdict.multiplier != 1.0:
+            self.scale_grads(params, verdict.multiplier)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return norm, False
+        return verdict.norm, False
+
+    def decide_nonfinite(
+        self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, window: StepWindow
+    ) -> Verdict:
+        """The step's one NaN/inf decision, the same on every rank, from the cheapest source the boundary has: the
+        global norm (when one is computed: clipping, ``report_grad_norm``, the noise scale), the flag every rank
+        read with the boundary's all-reduce, the fp16 GradScaler's ``unscale_`` (on a gradient every rank shares),
+        or else a fused pass that checks while it applies the window's factor (GradScaler's kernel)."""
+        if window.norm:
+            # The norm is global (every backend reduces it over shards), so the decision is the same on every rank.
+            measured = float(self.grad_norm(params)) if window.norm_value is None else window.norm_value
+            norm = measured * window.factor
+            found = not math.isfinite(norm)
+            multiplier = window.factor
+            if options.max_grad_norm is not None and not found:  # torch's clip coefficient, on the true norm
+                multiplier *= min(1.0, options.max_grad_norm / (norm + 1e-6))
+            return Verdict(found, multiplier, norm)
+        if window.nonfinite is not None:  # checked by every rank before the boundary's all-reduce
+            return Verdict(window.nonfinite, window.factor)
+        scaler = enabled_scaler(options.grad_scaler)
+        if scaler is not None and self.replicated:  # unscale_ checked the gradient, which every rank shares
+            found = any(bool(flag.item()) for flag in _found_inf(scaler, optimizer).values())
+            return Verdict(found, window.factor)
+        return Verdict(self.check_and_scale(params, window.factor), 1.0)
+
+    def _drop_nonfinite(
+        self, optimizer: torch.optim.Optimizer, options: StepOptions, window: StepWindow, norm: float | None
+    ) -> None:
+        """A non-finite gradient: no step. An fp16 overflow backs off the scale (on every rank alike); without a
+        scaler, ``on_nonfinite="raise"`` raises."""
+        optimizer.zero_grad(set_to_none=True)
+        scaler = enabled_scaler(options.grad_scaler)
+        if scaler is not None:
+            _record_overflow(scaler, optimizer)
+            scaler.update()
+        elif options.on_nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite gradient {'' if norm is None else f'norm {norm} '}at optimizer step "
+                f"{window.number}; the step was not taken. Use on_nonfinite='skip' to skip such steps on all "
+                "ranks instead."
+            )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The step's NaN/inf decision (:meth:`Backend.decide_nonfinite`)."""
+
+    found: bool
+    """The gradient holds a NaN/inf on some rank: no step, on every rank."""
+    multiplier: float
+    """What the gradients are still to be multiplied by (the window factor, the clip coefficient; 1.0: done)."""
+    norm: float | None = None
+    """The global gradient norm before clipping, where computed."""
+
+
+def enabled_scaler(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+    """``scaler`` when it scales (a disabled one, ``GradScaler(enabled=args.fp16)``, detects nothing: not a guard)."""
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+class PlainBackend(Backend):
+    """A plain module in a single process: nothing to skip, nothing to reduce."""
+
+    name: ClassVar[str] = "plain"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return True
+
+    def grad_sync_refusal(self, mode: GradSync) -> str | None:
+        if mode in ("boundary", "every"):  # one process: nothing to reduce
+            return None
+        return "one process reduces nothing, so nothing is sharded. Use 'boundary' (default) or 'every' (the same)"
+
+    def float32_sums_refusal(self) -> tuple[str, str] | None:
+        return None
+
+    def collective_free_refusal(self) -> str | None:
+        return None
 
 
 def _on_accelerator(params: Params) -> bool:

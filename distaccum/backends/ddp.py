@@ -73,6 +73,45 @@ class DDPBackend(Backend):
     def syncs_in_window(self) -> bool:
         return self.grad_sync == "every"
 
+    hand_reduction_is_collective = True
+
+    def float32_sums_refusal(self) -> tuple[str, str] | None:
+        if self.syncs_in_window:
+            return super().float32_sums_refusal()
+        if getattr(self.model, "static_graph", False):
+            return (
+                "DDP(static_graph=True) must sync its first backward through DDP's own reduction, in the parameters' "
+                "dtype, before the window's float32 sums could be reduced once",
+                "Pass static_graph=False (under distaccum DDP syncs once per window anyway)",
+            )
+        return None
+
+    def collective_free_refusal(self) -> str | None:
+        if getattr(self.model, "static_graph", False):
+            return "DDP(static_graph=True) must sync its first backward, before the ranks could agree"
+        if getattr(self.model, "broadcast_buffers", False) and any(True for _ in self.model.buffers()):
+            return "DDP(broadcast_buffers=True) broadcasts the buffers in every forward; pass broadcast_buffers=False"
+        return None
+
+    def reduce_by_hand(self, tensors: list[torch.Tensor], factor: float) -> None:
+        """:meth:`reduce_tensors` of the window's sums; then DDP's buffer sync from rank 0 (``broadcast_buffers``),
+        which no forward made in a window without sync."""
+        self.reduce_tensors(tensors, factor)
+        self._broadcast_buffers()
+
+    def _broadcast_buffers(self) -> None:
+        model = self.model
+        buffers = list(getattr(model, "modules_buffers", ())) if getattr(model, "broadcast_buffers", False) else []
+        if not buffers:
+            return
+        group = getattr(model, "process_group", None)
+        source = 0 if group is None else torch_dist.get_global_rank(group, 0)
+        for bucket in buckets(buffers, int(getattr(model, "bucket_bytes_cap", 25 * 2**20))):
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            torch_dist.broadcast(flat, src=source, group=group)
+            for buffer, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
+                buffer.copy_(synced)
+
     def window_sync(self) -> contextlib.AbstractContextManager[None]:
         if self.grad_sync != "every":
             return self.no_sync()

@@ -11,8 +11,8 @@ How the Accumulator drives the engine (ZeRO stages 0 to 3; fp32, or fp16/bf16 at
   short windows (``flush`` / ``last=True``) work. ZeRO 0 and 1 then reduce once, in the boundary backward;
   ZeRO 2 and 3 reduce every micro-batch into their partition buffers by design (that is what partitions their
   gradients; on CPU/gloo ZeRO 2 does it with an all-reduce of its bucket, ZeRO 3 with a reduce-scatter, counted by
-  ``distaccum bench``), so they pay one reduction per micro-batch. ``engine.no_sync()`` is not used: it refuses
-  ZeRO 2 and 3.
+  the benchmark harness, ``python -m examples.bench.harness``), so they pay one reduction per micro-batch.
+  ``engine.no_sync()`` is not used: it refuses ZeRO 2 and 3.
 * **ZeRO 3** all-gathers the parameters in every forward, so every rank must run the same number of micro-steps:
   :meth:`~distaccum.Accumulator.iterate` cuts the window where the first rank runs out to what every rank has; a
   hand-written loop must end its windows together (``last=True`` on every rank), as ZeRO 2 already requires.
@@ -125,6 +125,12 @@ class DeepSpeedBackend(Backend):
                 "grad_scaler is set, but deepspeed scales fp16 losses by itself: scaling twice corrupts gradients. "
                 "Remove grad_scaler and configure fp16 in the engine's config."
             )
+
+    def float32_sums_refusal(self) -> tuple[str, str] | None:
+        return (
+            "DeepSpeed keeps a window's gradients in its own buffers",
+            'Set "data_types": {"grad_accum_dtype": "fp32"} in the DeepSpeed config (ZeRO stage 2)',
+        )
 
     def _check_engine(self) -> None:
         from deepspeed import PipelineEngine

@@ -86,6 +86,14 @@ class FSDP1Backend(_ShardedBackend):
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         return self.model.no_sync()  # type: ignore[operator]
 
+    def float32_sums_refusal(self) -> tuple[str, str] | None:
+        if self.syncs_in_window:
+            return super().float32_sums_refusal()
+        return (
+            "FSDP1 keeps a window's unsynced gradients in its own flat buffers, in the parameters' dtype",
+            "Use FSDP2 (fully_shard) with MixedPrecisionPolicy(reduce_dtype=torch.float32), which sums in float32",
+        )
+
     def grad_norm(self, params: Params) -> torch.Tensor:
         # FSDP1's own clip_grad_norm_ forces float32 norms and fails on float64 parameters; the sharded norm is
         # simple enough: every rank holds a disjoint shard, so squared norms add up over ranks.
@@ -192,6 +200,16 @@ class FSDP2Backend(_ShardedBackend):
         norms = [torch.nn.utils.get_total_norm(grads, norm_type=2.0) for grads in by_mesh.values()]
         whole = [norm.full_tensor() if hasattr(norm, "full_tensor") else norm for norm in norms]
         return torch.linalg.vector_norm(torch.stack([norm.to(whole[0].dtype) for norm in whole]))
+
+    def float32_sums_refusal(self) -> tuple[str, str] | None:
+        if self.syncs_in_window:
+            return super().float32_sums_refusal()
+        dtype = self.accumulation_dtype() or "None: the parameters' dtype"
+        return (
+            f"FSDP2 sums a window's unsharded gradients in its reduce_dtype ({dtype})",
+            "Pass fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
+            "reduce_dtype=torch.float32)), which sums in float32",
+        )
 
     def accumulation_dtype(self) -> torch.dtype | None:
         # MixedPrecisionPolicy(reduce_dtype=...) keeps the unsharded gradients, summed over the window, in that dtype.

@@ -29,16 +29,25 @@ boundary (``auto_micro_batch``, float32 sums).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from distaccum.backends.base import Backend
+from typing import Literal, Protocol
 
 GradSync = Literal["boundary", "sharded", "every"]
 GRAD_SYNC_MODES: tuple[GradSync, ...] = ("boundary", "sharded", "every")
 
 
-def choose(backend: Backend, mode: str | None) -> GradSync:
+class Syncing(Protocol):
+    """What :func:`choose` asks of a backend (:class:`distaccum.backends.Backend`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def default_grad_sync(self) -> GradSync: ...
+
+    def grad_sync_refusal(self, mode: GradSync) -> str | None: ...
+
+
+def choose(backend: Syncing, mode: str | None) -> GradSync:
     """``mode`` checked for ``backend``'s wrapper (None: the wrapper's default).
 
     Raises:
@@ -51,19 +60,3 @@ def choose(backend: Backend, mode: str | None) -> GradSync:
     if refusal is not None:
         raise ValueError(f"grad_sync={chosen!r} on {backend.name}: {refusal}")
     return chosen
-
-
-def check_hand_reduction(backend: Backend, *, auto_micro_batch: bool, float32_sums: bool) -> None:
-    """Refuse options that reduce a window's gradients by hand at its boundary when backward reduces them inside the
-    window already (:attr:`Backend.syncs_in_window`).
-
-    Raises:
-        ValueError: ``auto_micro_batch`` or float32 sums together with a mode that syncs inside the window.
-    """
-    what = "auto_micro_batch=True" if auto_micro_batch else "accumulate_dtype=torch.float32" if float32_sums else ""
-    if what and backend.syncs_in_window:
-        raise ValueError(
-            f"{what} reduces a window's gradients by hand, once, at its boundary, but grad_sync={backend.grad_sync!r} "
-            f"reduces them in every micro-step's backward. Use grad_sync='boundary' (or None) with {what}, or leave "
-            f"{what.split('=')[0]} at its default."
-        )

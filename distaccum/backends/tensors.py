@@ -6,9 +6,9 @@
 product ``w * grad`` is the one the node would have made), with none of them; a seed made once per weight value,
 device and dtype is reused and never written, so nothing that kept a reference to it sees it change.
 
-Measured with ``nn.Linear(4, 4)``, micro-batch 4, one CPU thread (``distaccum bench --overhead``): the seeded
-backward takes about 15 us less per micro-step than ``(loss / k).backward()``; on an accelerator it also launches
-no multiply, no fill and no node kernel.
+Measured with ``nn.Linear(4, 4)``, micro-batch 4, one CPU thread (``python -m examples.bench.harness --overhead``):
+the seeded backward takes about 15 us less per micro-step than ``(loss / k).backward()``; on an accelerator it also
+launches no multiply, no fill and no node kernel.
 """
 
 from __future__ import annotations

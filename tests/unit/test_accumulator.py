@@ -557,7 +557,8 @@ def test_with_clipping_on_an_accelerator_the_norm_is_computed_once_and_read_with
 
 def test_with_clipping_on_the_cpu_the_norm_is_read_at_the_step(monkeypatch):
     # On the CPU a read costs nothing, and joining the norm to the scalars cost 33 us per step (one process, tiny
-    # model, `distaccum bench --overhead`): there it is computed at the step, after the one read of the scalars.
+    # model, `python -m examples.bench.harness --overhead`): there it is computed at the step, after the one read of
+    # the scalars.
     assert _norm_and_reads(monkeypatch) == ["read", "norm"] * 3
 
 

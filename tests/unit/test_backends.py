@@ -13,7 +13,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from distaccum import Accumulator, BatchPlan, backends, checkpoint
-from distaccum.backends.base import Backend
+from distaccum.backends.base import Backend, PlainBackend
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def one_rank_group(tmp_path: Path) -> None:
 
 def test_plain_module_gets_the_plain_backend():
     backend = backends.select(nn.Linear(2, 1), world_size=1)
-    assert type(backend) is Backend and backend.name == "plain"
+    assert type(backend) is PlainBackend and backend.name == "plain"
     assert backend.grads_in_params and backend.checkpoint_layout == "replicated"
 
 

@@ -260,3 +260,26 @@ def test_auto_micro_batch_reduces_the_float32_sums_the_same_way():
     assert acc.optimizer_steps == 3
     for a, b in zip(split.parameters(), looped.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("accumulate_dtype", [torch.float32, None], ids=["float32-sums", "bf16-sums"])
+def test_on_an_accelerator_a_nan_in_a_later_micro_step_is_caught_by_the_reduced_gradient(
+    monkeypatch: pytest.MonkeyPatch, accumulate_dtype
+):
+    # Issue 26: reduced by hand (float32 sums), the NaN/inf flag was read before the boundary's all-reduce from
+    # param.grad, where the window's sums are not: on an accelerator a NaN folded into a sum stepped into the weights.
+    # The decision is now made on the reduced gradient, whichever reduction the window has.
+    from distaccum.backends import base
+
+    monkeypatch.setattr(base, "read_is_a_sync", lambda tensor: True)  # gradients answer as on a GPU
+    model = make_model()
+    model.register_parameter("gain", nn.Parameter(torch.ones(())))  # float32, as a norm layer kept in fp32 is
+    acc = build(model, accum_steps=2, accumulate_dtype=accumulate_dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    inputs, targets = make_batch(2 * MICRO, 0)
+    for index, (x, y) in enumerate(zip(inputs.split(MICRO), targets.split(MICRO), strict=True)):
+        with acc.micro_step():
+            loss = loss_fn(model(x.bfloat16()), y)
+            acc.backward((loss * torch.nan if index == 1 else loss) + 0.0 * model.gain)  # gain's gradient: finite
+    assert acc.last_step.skipped and acc.skipped_steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

@@ -132,6 +132,21 @@ class Buffered(nn.Module):
         self.__dict__.update(attributes)
 
 
+def backend_of(name: str, model: nn.Module):
+    """The backend class ``name`` over ``model`` (a stand-in, not a wrapper: only the capability answers are asked)."""
+    from distaccum.backends.base import PlainBackend
+    from distaccum.backends.ddp import DDPBackend
+    from distaccum.backends.fsdp import FSDP2Backend
+
+    if name == "deepspeed":
+        from distaccum.backends.deepspeed import DeepSpeedBackend as cls
+    else:
+        cls = {"plain": PlainBackend, "ddp": DDPBackend, "fsdp2": FSDP2Backend}[name]
+    backend = object.__new__(cls)
+    backend.model = model
+    return backend
+
+
 @pytest.mark.parametrize(
     ("model", "backend", "message"),
     [
@@ -144,12 +159,14 @@ class Buffered(nn.Module):
 )
 def test_setups_with_collectives_inside_forward_or_backward_are_refused(model, backend, message):
     with pytest.raises(ValueError, match=f"auto_micro_batch=True needs.*{message}"):
-        resize.check_model(model, backend)
+        resize.check_model(model, backend_of(backend, model))
 
 
 def test_ddp_without_buffer_broadcast_and_a_plain_model_are_accepted():
-    resize.check_model(Buffered(broadcast_buffers=False), "ddp")
-    resize.check_model(make_model(), "plain")
+    buffered = Buffered(broadcast_buffers=False)
+    resize.check_model(buffered, backend_of("ddp", buffered))
+    plain = make_model()
+    resize.check_model(plain, backend_of("plain", plain))
 
 
 def test_batch_norm_statistics_of_a_rerun_window_warn_unless_exact():
