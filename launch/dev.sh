@@ -2,7 +2,8 @@
 # One entry point for a fresh checkout: creates ./.venv, installs distaccum with its test extras, then
 #   bash launch/dev.sh demo    # runs the virtual-batch demo (plan, steps, equivalence figure)
 #   bash launch/dev.sh test    # runs the test suite (what CI runs)
-#   bash launch/dev.sh lint    # ruff (lint and format) on distaccum/ tests/ examples/, mypy on distaccum/
+#   bash launch/dev.sh lint    # ruff (lint and format) on distaccum/ tests/ examples/, mypy on distaccum/ and
+#                              # examples/bench/harness/ (the benchmark harness, not in the wheel)
 #   bash launch/dev.sh setup   # only installs
 # Knobs (environment):
 #   VENV=.venv            where the virtual environment lives
@@ -50,6 +51,6 @@ case "$cmd" in
   lint)
     "$VENV/bin/ruff" check distaccum tests examples
     "$VENV/bin/ruff" format --check distaccum tests examples
-    "$VENV/bin/mypy" distaccum ;;
+    "$VENV/bin/mypy" distaccum examples/bench/harness ;;
   *) echo "usage: bash launch/dev.sh {demo|test|lint|setup}" >&2; exit 2 ;;
 esac

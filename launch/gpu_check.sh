@@ -6,7 +6,7 @@
 #   DRY_RUN=1 bash launch/gpu_check.sh OUT_DIR  # print the steps, run nothing
 #
 # The machine is expected to have python3 with a CUDA torch, pytest, pytest-timeout and psutil; DeepSpeed may be
-# missing (its bench methods are then left out by `distaccum bench` itself). Steps, each logged to OUT_DIR/NAME.log;
+# missing (its bench methods are then left out by the bench harness itself). Steps, each logged to OUT_DIR/NAME.log;
 # a failing step does not stop the others, and the script exits 1 if any failed:
 #   install        pip install --no-deps --no-build-isolation -e .   (nothing is downloaded)
 #   env            nvidia-smi, torch/CUDA versions, `distaccum env`
@@ -16,11 +16,13 @@
 #   two-ranks      the same under torchrun x2 sharing the GPU (DISTACCUM_BACKEND=gloo: NCCL refuses 2 ranks on 1 GPU)
 #   nccl-one-rank  a DDP model over a real one-rank NCCL process group, accumulating 4 micro-batches per step
 #   compare        one process vs two ranks on the GPU, and the NCCL run vs the CPU real batch (max relative error)
-#   overhead       distaccum bench --overhead --device cuda: distaccum's own host cost per micro-step on the GPU
-#   bench          distaccum bench, 2 ranks sharing the GPU (gloo), the 16.8M MLP at micro-batch BENCH_MICRO so
-#                  that compute, not launches, dominates: step time and torch.cuda.max_memory_allocated at k = 1, 8,
-#                  64 (the bench's methods need a process group), with the clipping pair, each method's peak in fresh
-#                  processes (no separate sweep: it would not fit); PNG next to the JSON
+#   overhead       python -m examples.bench.harness --overhead --device cuda: distaccum's own host cost per
+#                  micro-step on the GPU
+#   bench          python -m examples.bench.harness (the bench harness, not in the wheel), 2 ranks sharing the GPU
+#                  (gloo), the 16.8M MLP at micro-batch BENCH_MICRO so that compute, not launches, dominates: step
+#                  time and torch.cuda.max_memory_allocated at k = 1, 8, 64 (the bench's methods need a process
+#                  group), with the clipping pair, each method's peak in fresh processes (no separate sweep: it would
+#                  not fit); PNG next to the JSON
 # Knobs: PYTHON (default python3), STEPS (training steps, default 20), BENCH_ROUNDS (default 5), BENCH_MICRO (1024).
 # The repo root is put on PYTHONPATH, so that the steps run from this checkout even if the install step fails.
 set -euo pipefail
@@ -80,9 +82,9 @@ expected, _ = reference_run('sgd', $STEPS, 32)  # one process on the real batch,
 errors['nccl-one-rank vs CPU real batch'] = max_relative_error(torch.load('$OUT/nccl-one-rank-mlp.pt'), expected)
 print(errors)
 sys.exit(0 if max(errors.values()) <= 1e-5 else 1)"
-step overhead "$PYTHON" -m distaccum bench --overhead --device cuda --accum-steps 1 8 --rounds 5 --micro-steps 500 \
+step overhead "$PYTHON" -m examples.bench.harness --overhead --device cuda --accum-steps 1 8 --rounds 5 --micro-steps 500 \
   --json "$OUT/overhead-cuda.json" --table "$OUT/overhead-cuda.txt"
-step bench DISTACCUM_BACKEND=gloo "$PYTHON" -m distaccum bench --nproc 2 --models mlp --accum-steps 1 8 64 \
+step bench DISTACCUM_BACKEND=gloo "$PYTHON" -m examples.bench.harness --nproc 2 --models mlp --accum-steps 1 8 64 \
   --micro-batch-size "$BENCH_MICRO" --methods no_sync distaccum no_sync_clip distaccum_clip real_batch --memory-sweep \
   --rounds "$BENCH_ROUNDS" --json "$OUT/bench.json" --table "$OUT/bench.txt"
 

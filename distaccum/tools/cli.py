@@ -1,7 +1,8 @@
-"""``distaccum`` command line: ``env``, ``survey``, ``bench``, ``plan``.
+"""``distaccum`` command line: ``env``, ``survey``, ``plan``.
 
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; the
-module is imported only when its command runs, so ``distaccum env`` never imports matplotlib or DeepSpeed.
+module is imported only when its command runs, so ``distaccum env`` never imports matplotlib or DeepSpeed. The
+benchmark harness is not shipped: it runs from a checkout, ``python -m examples.bench.harness``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Sequence
 COMMANDS = {
     "env": ("distaccum.tools.envcheck", "what this process sees: launcher, ranks, backend, device, plan"),
     "survey": ("distaccum.tools.survey", "learning-rate survey: real vs virtual batch vs small batch"),
-    "bench": ("distaccum.tools.bench", "step time, reductions and peak memory of accumulation methods"),
     "plan": ("distaccum.tools.planner", "batch arithmetic, elastic world sizes, gradient traffic per sync mode"),
 }
 

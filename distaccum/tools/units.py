@@ -1,7 +1,8 @@
 """Units on the command line: parameter counts (``7B``), link rates (``100Gbit``), latencies (``20us``), dtypes.
 
-Shared by ``distaccum plan`` and ``distaccum bench --link-rate``; every parser raises ``ValueError`` with the value,
-the rule and an example, which the commands turn into a message that names the flag.
+Shared by ``distaccum plan`` and the benchmark harness's ``--link-rate`` (``python -m examples.bench.harness``);
+every parser raises ``ValueError`` with the value, the rule and an example, which the commands turn into a message
+that names the flag.
 """
 
 from __future__ import annotations

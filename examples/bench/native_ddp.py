@@ -1,4 +1,4 @@
-"""distaccum against hand loops on DDP's native (C++) reduction, which ``distaccum bench`` cannot count.
+"""distaccum against hand loops on DDP's native (C++) reduction, which the bench harness cannot count.
 
 The bench counts every gradient reduction while it times, so its hand-written loops carry a Python comm hook
 that divides each bucket before its all-reduce. DDP without a hook divides while it copies gradients into the
@@ -8,7 +8,8 @@ script times, interleaved and paired per round (rank 0's process CPU time), thre
 logs it does); ``pyhook``, the same loop with a Python hook that divides and all-reduces each bucket (what the
 bench's loops do); and ``distaccum``, an Accumulator on the same model.
 
-Run: ``torchrun --nproc-per-node 2 examples/bench/native_ddp.py MODEL ACCUM_STEPS ROUNDS`` (CPU, gloo).
+Run, from the repository root (it imports the harness's models and counting hook as ``examples.bench.harness``):
+``torchrun --nproc-per-node 2 -m examples.bench.native_ddp MODEL ACCUM_STEPS ROUNDS`` (CPU, gloo).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch.distributed as td
 from torch import nn
 
 from distaccum import Accumulator, BatchPlan
-from distaccum.tools.bench.counting import CommCounter, counting_allreduce_hook
-from distaccum.tools.bench.models import model_spec, round_batches
+from examples.bench.harness.counting import CommCounter, counting_allreduce_hook
+from examples.bench.harness.models import model_spec, round_batches
 
 
 def main() -> None:

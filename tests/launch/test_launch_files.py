@@ -303,6 +303,8 @@ def test_gpu_check_sh_dry_run_names_every_step(tmp_path: Path) -> None:
     ]
     for path in re.findall(r"(?:examples|tests)/[\w/]+\.py", result.stdout):
         assert (ROOT / path).is_file(), path
+    modules = re.findall(r" -m (examples(?:\.\w+)+)", result.stdout)  # the bench harness, run from the checkout
+    assert modules and all((ROOT / module.replace(".", "/") / "__main__.py").is_file() for module in modules), modules
     assert "DISTACCUM_BACKEND=gloo" in result.stdout and "--no-deps --no-build-isolation" in result.stdout
     missing = subprocess.run(["bash", str(LAUNCH / "gpu_check.sh")], capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "usage: bash launch/gpu_check.sh OUT_DIR" in missing.stderr

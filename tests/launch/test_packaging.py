@@ -1,4 +1,5 @@
-"""The package as users get it: sdist and wheel build, hold every subpackage and py.typed, and run from a fresh venv."""
+"""The package as users get it: sdist and wheel build, hold every subpackage and py.typed, and run from a fresh venv;
+the benchmark harness (examples/bench/harness) stays out of the wheel, and importing distaccum loads none of it."""
 
 from __future__ import annotations
 
@@ -48,8 +49,36 @@ def test_wheel_holds_every_module_and_py_typed(built: dict[str, Path]) -> None:
         entry_points = next(n for n in wheel.namelist() if n.endswith("entry_points.txt"))
         scripts = wheel.read(entry_points).decode()
     assert package_files() - names == set(), "missing from the wheel"
-    assert "distaccum/tools/bench/worker.py" in names and "distaccum/backends/deepspeed.py" in names
+    assert "distaccum/backends/deepspeed.py" in names
     assert "distaccum = distaccum.tools.cli:main" in scripts
+
+
+def test_wheel_holds_no_benchmark_code(built: dict[str, Path]) -> None:
+    # The harness runs from a checkout (python -m examples.bench.harness); users' wheels carry none of it.
+    with zipfile.ZipFile(built["wheel"]) as wheel:
+        names = wheel.namelist()
+    assert not [name for name in names if "bench" in name.lower()], "benchmark code in the wheel"
+    assert not [name for name in names if name.startswith("examples/")], "examples in the wheel"
+
+
+def test_the_cli_has_no_bench_command() -> None:
+    from distaccum.tools import cli
+
+    assert "bench" not in cli.COMMANDS
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+
+
+def test_import_distaccum_loads_nothing_from_examples_or_the_bench() -> None:
+    code = (
+        "import sys, distaccum, distaccum.tools.cli;"
+        "loaded = [m for m in sys.modules if m.split('.')[0] == 'examples'"
+        " or m.startswith('distaccum') and 'bench' in m];"
+        "print(loaded); sys.exit(1 if loaded else 0)"
+    )
+    # From the repository root, where examples/ is importable: distaccum still must not reach for it.
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_sdist_holds_every_module_and_py_typed(built: dict[str, Path]) -> None:
@@ -90,7 +119,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_the_cli(built: dict[str, Path], tm
     assert result.returncode == 0, result.stdout + result.stderr
     assert "accum_steps 4 x micro_batch_size 8 x world_size 1" in result.stdout, result.stdout
     where = subprocess.run(
-        [python, "-c", "import distaccum, distaccum.tools.bench.worker; print(distaccum.__file__)"],
+        [python, "-c", "import distaccum, distaccum.tools.cli; print(distaccum.__file__)"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

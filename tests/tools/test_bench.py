@@ -1,4 +1,5 @@
-"""``distaccum bench`` works end to end in a tiny configuration and counts reductions right (never how fast)."""
+"""The bench harness (``python -m examples.bench.harness``) works end to end in a tiny configuration and counts
+reductions right (never how fast)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 
-from distaccum.tools import cli
-from distaccum.tools.bench import BenchConfig
-from distaccum.tools.bench.counting import CommCounter, counting_collectives
-from distaccum.tools.bench.launch import launch
-from distaccum.tools.bench.methods import METHODS
-from distaccum.tools.bench.report import format_report
+from examples.bench import harness
+from examples.bench.harness import BenchConfig
+from examples.bench.harness.counting import CommCounter, counting_collectives
+from examples.bench.harness.launch import launch
+from examples.bench.harness.methods import METHODS
+from examples.bench.harness.records import Case, Job
+from examples.bench.harness.report import format_report
 
 ACCUM_STEPS = 3
 DDP_METHODS = ("no_sync", "distaccum", "distaccum_items", "accelerate", "real_batch")
@@ -26,11 +28,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One real 2-rank run of every method through the command line (tiny MLP, k=3), read back from --json."""
     out = tmp_path_factory.mktemp("bench")
     argv = [
-        "bench", "--size", "tiny", "--models", "mlp", "--accum-steps", str(ACCUM_STEPS), "--warmup", "1",
+        "--size", "tiny", "--models", "mlp", "--accum-steps", str(ACCUM_STEPS), "--warmup", "1",
         "--rounds", "2", "--no-memory", "--memory-sweep", "2", "--memory-steps", "1", "--timeout", "240",
         "--json", str(out / "bench.json"), "--table", str(out / "bench.txt"),
     ]  # fmt: skip
-    assert cli.main(argv) == 0
+    assert harness.main(argv) == 0
     results = json.loads((out / "bench.json").read_text())
     results["_table"] = (out / "bench.txt").read_text()
     return results
@@ -91,9 +93,9 @@ def test_memory_sweep_and_report(tiny_run):
     assert row["accum_steps"] == 2
     assert row["virtual_peak_mib"] > 50 and row["real_peak_mib"] > 50  # a process with torch imported
     assert row["real_vs_real_micro"] == 1.0
-    assert "distaccum bench --nproc 2 --models mlp --accum-steps 3" in tiny_run["command"]
+    assert "python -m examples.bench.harness --nproc 2 --models mlp --accum-steps 3" in tiny_run["command"]
     table = tiny_run["_table"]
-    assert table.startswith("$ distaccum bench")
+    assert table.startswith("$ python -m examples.bench.harness --nproc 2")
     for entry in _methods(tiny_run).values():
         assert entry["label"] in table
     assert format_report({k: v for k, v in tiny_run.items() if k != "_table"}) in table
@@ -127,14 +129,18 @@ def test_config_errors_name_the_field(field, value, message):
         BenchConfig(**{field: value})
 
 
+def _memory_job(method: str) -> Job:
+    cases = [Case("mlp", 2, 1)]
+    return Job("memory", cases, [method], size="tiny", seed=0, threads=1, warmup=0, rounds=1, steps=1)
+
+
 def test_a_failing_rank_fails_the_job_with_its_log():
-    job = {"kind": "memory", "cases": [{"model": "mlp", "micro_batch_size": 2, "accum_steps": 1}], "methods": ["x"]}
-    job.update(size="tiny", seed=0, threads=1, warmup=0, rounds=1, steps=1)
+    job = _memory_job("x")
     with tempfile.TemporaryDirectory() as workdir, pytest.raises(RuntimeError, match="KeyError: 'x'"):
         launch(job, 2, 120.0, Path(workdir))
 
 
 def test_a_hanging_job_is_killed_and_reported():
-    job = {"kind": "memory", "threads": 1}
+    job = _memory_job("distaccum")
     with tempfile.TemporaryDirectory() as workdir, pytest.raises(TimeoutError, match="did not finish in 0 s"):
         launch(job, 2, 0.2, Path(workdir))

@@ -1,8 +1,10 @@
-"""``distaccum bench``'s fair comparisons: paired per-round ratios in wall and CPU time, the equal-work pairs
+"""The bench harness's fair comparisons: paired per-round ratios in wall and CPU time, the equal-work pairs
 (clipping included), the A/A twin's noise floor, and the PNG; the ratio arithmetic on hand-made records."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import json
 import random
 import sys
@@ -12,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from distaccum.tools import cli
-from distaccum.tools.bench.methods import MAX_NORM, METHODS
-from distaccum.tools.bench.order import ORDER, design_note, round_order, williams_rows
-from distaccum.tools.bench.plot import _rows_from_cases, plot_results
-from distaccum.tools.bench.report_ratios import format_ratios, paired_ratio, paired_ratios, resolves
-from distaccum.tools.bench.worker import _OneAtATime
+from examples.bench import harness
+from examples.bench.harness.methods import MAX_NORM, METHODS
+from examples.bench.harness.order import ORDER, design_note, round_order, williams_rows
+from examples.bench.harness.plot import _rows_from_cases, plot_results
+from examples.bench.harness.report_ratios import format_ratios, paired_ratio, paired_ratios, resolves
+from examples.bench.harness.worker import _OneAtATime
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAIR_METHODS = (
@@ -34,11 +36,11 @@ def fair_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     """One real 2-rank run of the fairness methods through the command line (tiny MLP, k=1 and 3), with --json."""
     out = tmp_path_factory.mktemp("fair")
     argv = [
-        "bench", "--size", "tiny", "--models", "mlp", "--accum-steps", "1", "3", "--methods", *FAIR_METHODS,
+        "--size", "tiny", "--models", "mlp", "--accum-steps", "1", "3", "--methods", *FAIR_METHODS,
         "--warmup", "1", "--rounds", str(ROUNDS), "--no-memory", "--memory-sweep", "2", "--timeout", "120",
         "--json", str(out / "bench.json"), "--table", str(out / "bench.txt"),
     ]  # fmt: skip
-    assert cli.main(argv) == 0
+    assert harness.main(argv) == 0
     return json.loads((out / "bench.json").read_text()), out
 
 
@@ -122,6 +124,19 @@ def test_the_new_methods_continue_the_letters():
 
 
 # The arithmetic, on hand-made records (no processes).
+
+
+HARNESS = Path(harness.__file__).parent
+WITH_EXAMPLES = [
+    f"examples.bench.harness.{path.stem}" for path in sorted(HARNESS.glob("*.py")) if ">>>" in path.read_text()
+]
+
+
+@pytest.mark.parametrize("name", WITH_EXAMPLES)
+def test_docstring_examples_run(name):
+    # tests/unit/test_doctests.py runs those of the distaccum package; the harness is not in it.
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0, name
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
@@ -242,7 +257,7 @@ def test_plot_without_matplotlib_names_the_pip_command(tmp_path, monkeypatch):
 
 def test_bench_plot_without_matplotlib_stops_before_running(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert cli.main(["bench", "--size", "tiny", "--plot", str(tmp_path / "bench.png")]) == 2
+    assert harness.main(["--size", "tiny", "--plot", str(tmp_path / "bench.png")]) == 2
     assert "pip install 'distaccum[bench]'" in capsys.readouterr().err
     assert not (tmp_path / "bench.png").exists()
 

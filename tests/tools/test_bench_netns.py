@@ -1,4 +1,4 @@
-"""``distaccum bench --link-rate``: two nodes in network namespaces over a shaped veth link, and their cleanup.
+"""The bench harness's ``--link-rate``: two nodes in network namespaces over a shaped veth link, and their cleanup.
 
 The namespace tests need Linux, root and iproute2 (CI runs as root) and skip with the reason elsewhere; the
 option checks run everywhere.
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from distaccum.tools import cli
-from distaccum.tools.bench import BenchConfig, netns, run_benchmark
-from distaccum.tools.bench import launch as bench_launch
 from distaccum.tools.planner import build_report
+from examples.bench import harness
+from examples.bench.harness import BenchConfig, netns, run_benchmark
+from examples.bench.harness import launch as bench_launch
 
 MISSING = netns.missing_requirements()
 needs_netns = pytest.mark.skipif(bool(MISSING), reason="two nodes in network namespaces need " + "; ".join(MISSING))
@@ -41,11 +41,11 @@ def link_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         pytest.skip("two nodes in network namespaces need " + "; ".join(MISSING))
     out = tmp_path_factory.mktemp("bench-netns") / "bench.json"
     argv = [
-        "bench", "--size", "tiny", "--models", "mlp", "--accum-steps", str(ACCUM_STEPS), "--methods", "sync_every",
+        "--size", "tiny", "--models", "mlp", "--accum-steps", str(ACCUM_STEPS), "--methods", "sync_every",
         "distaccum", "--warmup", "1", "--rounds", "2", "--no-memory", "--memory-sweep", "--link-rate", "100Mbit",
         "--timeout", "120", "--json", str(out),
     ]  # fmt: skip
-    assert cli.main(argv) == 0
+    assert harness.main(argv) == 0
     return json.loads(out.read_text())
 
 
@@ -165,7 +165,7 @@ def test_namespaces_are_removed_when_setup_fails_halfway(monkeypatch):
 def test_namespaces_are_removed_on_sigterm_and_the_handler_restored():
     script = textwrap.dedent("""
         import signal, sys, time
-        from distaccum.tools.bench.netns import two_nodes
+        from examples.bench.harness.netns import two_nodes
         before = signal.getsignal(signal.SIGTERM)
         try:
             with two_nodes("1Gbit") as link:
@@ -195,8 +195,8 @@ def test_link_rate_needs_two_ranks_and_a_rate():
 
 def test_without_root_the_command_says_what_is_missing(monkeypatch, capsys):
     monkeypatch.setattr(os, "geteuid", lambda: 1000, raising=False)
-    argv = ["bench", "--size", "tiny", "--models", "mlp", "--methods", "distaccum", "--link-rate", "1Gbit"]
-    assert cli.main(argv) == 2
+    argv = ["--size", "tiny", "--models", "mlp", "--methods", "distaccum", "--link-rate", "1Gbit"]
+    assert harness.main(argv) == 2
     error = capsys.readouterr().err
-    assert "distaccum bench: error: two nodes over a shaped link need" in error
+    assert "python -m examples.bench.harness: error: two nodes over a shaped link need" in error
     assert ("run as root" if sys.platform.startswith("linux") else "Linux") in error

@@ -1,4 +1,4 @@
-"""``distaccum bench --overhead`` runs end to end in a tiny configuration, and its arithmetic (never how fast)."""
+"""The bench harness's ``--overhead`` runs end to end in a tiny configuration, and its arithmetic (never how fast)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from distaccum.tools import cli
-from distaccum.tools.bench import BenchConfig
-from distaccum.tools.bench import cli as bench_cli
-from distaccum.tools.bench.overhead import (
+from examples.bench import harness
+from examples.bench.harness import BenchConfig
+from examples.bench.harness import cli as bench_cli
+from examples.bench.harness.overhead import (
     BASELINES,
     VARIANTS,
     OverheadConfig,
@@ -30,10 +30,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One real run through the command line at accum_steps 1 and 4, read back from --json and --table."""
     out = tmp_path_factory.mktemp("overhead")
     argv = [
-        "bench", "--overhead", "--accum-steps", "1", "4", "--rounds", str(ROUNDS), "--micro-steps", "18",
+        "--overhead", "--accum-steps", "1", "4", "--rounds", str(ROUNDS), "--micro-steps", "18",
         "--warmup", "1", "--json", str(out / "overhead.json"), "--table", str(out / "overhead.txt"),
     ]  # fmt: skip
-    assert cli.main(argv) == 0
+    assert harness.main(argv) == 0
     results = json.loads((out / "overhead.json").read_text())
     results["_table"] = (out / "overhead.txt").read_text()
     return results
@@ -45,7 +45,8 @@ def _is_stats(value: object) -> bool:
 
 def test_json_holds_every_figure_with_its_type(tiny_run):
     assert tiny_run["kind"] == "overhead"
-    assert tiny_run["command"] == "distaccum bench --overhead --accum-steps 1 4 --rounds 2 --micro-steps 18 --warmup 1"
+    expected = "python -m examples.bench.harness --overhead --accum-steps 1 4 --rounds 2 --micro-steps 18 --warmup 1"
+    assert tiny_run["command"] == expected
     assert tiny_run["config"]["rounds"] == ROUNDS and tiny_run["config"]["model"] == "nn.Linear(4, 4)"
     assert tiny_run["environment"]["threads"] == 1 and isinstance(tiny_run["environment"]["wall_s"], float)
     assert tiny_run["variants"] == VARIANTS and tiny_run["baselines"] == BASELINES
@@ -129,9 +130,9 @@ def test_config_refuses_a_round_shorter_than_a_window():
 
 
 def test_overhead_refuses_options_it_does_not_use(capsys):
-    assert cli.main(["bench", "--overhead", "--nproc", "3", "--no-memory"]) == 2
+    assert harness.main(["--overhead", "--nproc", "3", "--no-memory"]) == 2
     assert "drop --nproc --no-memory" in capsys.readouterr().err
-    assert cli.main(["bench", "--micro-steps", "10"]) == 2
+    assert harness.main(["--micro-steps", "10"]) == 2
     assert "--micro-steps belongs to --overhead" in capsys.readouterr().err
 
 
@@ -145,7 +146,7 @@ def test_the_bench_defaults_are_unchanged_without_overhead():
 
 def test_overhead_on_cuda_without_a_gpu_is_refused_with_the_fix(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.main(["bench", "--overhead", "--device", "cuda"]) == 2
+    assert harness.main(["--overhead", "--device", "cuda"]) == 2
     assert "drop --device cuda" in capsys.readouterr().err
     assert "--device" not in OverheadConfig(device="cpu").command()  # the default is left out of the command
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):

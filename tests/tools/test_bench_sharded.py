@@ -1,4 +1,4 @@
-"""``distaccum bench``'s sharded methods (FSDP2, HSDP, ZeRO 2 and 3) make the reference's update and count the
+"""The bench harness's sharded methods (FSDP2, HSDP, ZeRO 2 and 3) make the reference's update and count the
 gradient reductions each ``grad_sync`` mode should make, micro-step by micro-step (never how fast)."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from distaccum.tools import cli
-from distaccum.tools.bench import BenchConfig
-from distaccum.tools.bench.config import available_methods
-from distaccum.tools.bench.methods import METHODS
+from examples.bench import harness
+from examples.bench.harness import BenchConfig
+from examples.bench.harness.config import available_methods
+from examples.bench.harness.methods import METHODS
 
 ACCUM_STEPS = 3
 UNITS = 3  # the tiny MLP's Linear layers, one FSDP unit each (the root holds no parameter of its own)
@@ -22,11 +22,11 @@ pytestmark = pytest.mark.timeout(180)  # two real runs, 2 and 4 ranks: ~15 s and
 def _run(tmp_path_factory: pytest.TempPathFactory, nproc: int, methods: tuple[str, ...]) -> dict:
     out = tmp_path_factory.mktemp(f"sharded{nproc}")
     argv = [
-        "bench", "--nproc", str(nproc), "--size", "tiny", "--models", "mlp", "--accum-steps", str(ACCUM_STEPS),
+        "--nproc", str(nproc), "--size", "tiny", "--models", "mlp", "--accum-steps", str(ACCUM_STEPS),
         "--methods", "no_sync", *methods, "--warmup", "1", "--rounds", "1", "--no-memory", "--memory-sweep",
         "--timeout", "150", "--json", str(out / "bench.json"), "--table", str(out / "bench.txt"),
     ]  # fmt: skip
-    assert cli.main(argv) == 0
+    assert harness.main(argv) == 0
     results = json.loads((out / "bench.json").read_text())
     ((case,),) = (results["cases"],)
     return {**case["methods"], "_table": (out / "bench.txt").read_text()}

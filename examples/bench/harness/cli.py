@@ -1,29 +1,32 @@
-"""``distaccum bench`` on the command line: its options, and the run that prints the table and writes files."""
+"""The harness on the command line (``python -m examples.bench.harness`` from the repository root): its options,
+and the run that prints the table and writes files."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from distaccum.tools.bench.config import BenchConfig
-from distaccum.tools.bench.launch import run_benchmark
-from distaccum.tools.bench.methods import METHODS
-from distaccum.tools.bench.models import MODELS
-from distaccum.tools.bench.netns import LinkUnavailable
-from distaccum.tools.bench.overhead import OverheadConfig, format_overhead, run_overhead
-from distaccum.tools.bench.plot import plot_results, require_matplotlib
-from distaccum.tools.bench.report import format_report
+from examples.bench.harness.config import PROG, BenchConfig
+from examples.bench.harness.launch import run_benchmark
+from examples.bench.harness.methods import METHODS
+from examples.bench.harness.models import MODELS
+from examples.bench.harness.netns import LinkUnavailable
+from examples.bench.harness.overhead import OverheadConfig, format_overhead, run_overhead
+from examples.bench.harness.plot import plot_results, require_matplotlib
+from examples.bench.harness.report import format_report
 
+DESCRIPTION = "step time, reductions and peak memory of accumulation methods"
 _OVERHEAD_OPTIONS = {"help", "overhead", "accum_steps", "rounds", "micro_steps", "warmup", "seed", "json", "table"}
 _OVERHEAD_OPTIONS |= {"device"}
 """What ``--overhead`` reads; it refuses any other option given."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``distaccum bench``."""
+    """Arguments of the harness."""
     defaults = BenchConfig()
     parser.add_argument("--nproc", type=int, default=defaults.nproc, help="ranks to start (default %(default)s)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(defaults.models))
@@ -90,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overhead",
         action="store_true",
         help="run only the microbenchmark of distaccum's own cost per micro-step (nn.Linear(4, 4), one process, "
-        "CPU or --device cuda, one thread; distaccum.tools.bench.overhead) with --accum-steps, --rounds, "
+        "CPU or --device cuda, one thread; examples/bench/harness/overhead.py) with --accum-steps, --rounds, "
         "--micro-steps, --warmup, --seed, --device, --json, --table",
     )
     parser.add_argument(
@@ -107,6 +110,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--overhead: where the tiny model runs (default %(default)s); cuda synchronizes after each micro-step, "
         "untimed",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The harness's parser: :func:`add_arguments` under the name it runs by."""
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m examples.bench.harness``: parse ``argv`` (default ``sys.argv[1:]``) and run."""
+    return run(build_parser().parse_args(argv))
 
 
 def _config(args: argparse.Namespace) -> BenchConfig:
@@ -132,25 +147,25 @@ def _config(args: argparse.Namespace) -> BenchConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``distaccum bench``: run, print the table, write ``--json`` / ``--table`` / ``--plot``; 2 on a bad option
+    """Run the benchmark, print the table, write ``--json`` / ``--table`` / ``--plot``; 2 on a bad option
     (``--plot`` without matplotlib included) or no netns."""
     if args.overhead:
         return _run_overhead(args)
     if args.micro_steps is not None:
-        print("distaccum bench: error: --micro-steps belongs to --overhead", file=sys.stderr)
+        print(f"{PROG}: error: --micro-steps belongs to --overhead", file=sys.stderr)
         return 2
     try:
         config = _config(args)  # checks the options, --link-rate with --nproc included
         if args.plot is not None:
             require_matplotlib()  # before the run, not after minutes of it
     except (ValueError, ImportError) as error:
-        print(f"distaccum bench: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     plot = _plot_path(args)
     try:
         results = run_benchmark(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     except LinkUnavailable as error:
-        print(f"distaccum bench: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     text = format_report(results)
     _write(args, results, text)
@@ -176,15 +191,14 @@ def _plot_path(args: argparse.Namespace) -> Path | None:
     try:
         require_matplotlib()
     except ImportError as error:
-        print(f"distaccum bench: no PNG next to {args.json}: {error}", file=sys.stderr)
+        print(f"{PROG}: no PNG next to {args.json}: {error}", file=sys.stderr)
         return None
     return args.json.with_suffix(".png")
 
 
 def _run_overhead(args: argparse.Namespace) -> int:
-    """``distaccum bench --overhead``: only the microbenchmark; 2 on a bad option, 1 when the sanity check fails."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    """``--overhead``: only the microbenchmark; 2 on a bad option, 1 when the sanity check fails."""
+    parser = build_parser()
     unused = [
         action.option_strings[0]
         for action in parser._actions
@@ -202,12 +216,12 @@ def _run_overhead(args: argparse.Namespace) -> int:
             device=args.device,
         )
     except ValueError as error:
-        print(f"distaccum bench: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     results = run_overhead(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     text = format_overhead(results)
     _write(args, results, text)
     if not results["sanity"]["passed"]:
-        print("distaccum bench: error: the sanity check failed (weights differ, see the table)", file=sys.stderr)
+        print(f"{PROG}: error: the sanity check failed (weights differ, see the table)", file=sys.stderr)
         return 1
     return 0

@@ -1,7 +1,8 @@
-"""``distaccum bench --overhead``: distaccum's own cost per micro-step, on a model so small that the framework is
+"""``--overhead``: distaccum's own cost per micro-step, on a model so small that the framework is
 the whole cost: ``nn.Linear(4, 4)``, micro-batch 4, SGD, one process, CPU (or ``--device cuda``), one torch
 thread. Example:
-``distaccum bench --overhead --json examples/bench/overhead-cpu.json --table examples/bench/overhead-cpu.txt``.
+``python -m examples.bench.harness --overhead --json examples/bench/overhead-cpu.json --table
+examples/bench/overhead-cpu.txt``.
 
 Every variant (:data:`VARIANTS`) has its own model and optimizer from the same seed and trains on the same precomputed
 micro-batches. A round runs each variant once over ``micro_steps`` micro-steps (rounded down to whole windows), in the
@@ -47,7 +48,8 @@ from torch import Tensor, nn
 
 from distaccum.accumulator import Accumulator
 from distaccum.plan import BatchPlan
-from distaccum.tools.bench.order import round_order
+from examples.bench.harness.config import PROG
+from examples.bench.harness.order import round_order
 
 MICRO_BATCH_SIZE = 4
 LR = 1e-3
@@ -80,7 +82,7 @@ Figures = dict[str, list[float] | None]
 
 @dataclass(frozen=True, kw_only=True)
 class OverheadConfig:
-    """What ``distaccum bench --overhead`` runs."""
+    """What ``--overhead`` runs."""
 
     accum_steps: tuple[int, ...] = (1, 8)
     """Micro-steps per optimizer step; one case each."""
@@ -116,7 +118,7 @@ class OverheadConfig:
         seed = f" --seed {self.seed}" if self.seed else ""
         device = f" --device {self.device}" if self.device != "cpu" else ""
         steps = " ".join(map(str, self.accum_steps))
-        return f"distaccum bench --overhead --accum-steps {steps} {knobs}{seed}{device}"
+        return f"{PROG} --overhead --accum-steps {steps} {knobs}{seed}{device}"
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
@@ -301,7 +303,7 @@ def format_overhead(results: dict[str, Any]) -> str:
     config, env, sanity = results["config"], results["environment"], results["sanity"]
     load = f"{env['load_average_before'][0]:.2f} -> {env['load_average_after'][0]:.2f}"
     lines = [
-        f"distaccum bench --overhead: {config['model']}, micro-batch {config['micro_batch_size']}, SGD lr "
+        f"bench harness --overhead: {config['model']}, micro-batch {config['micro_batch_size']}, SGD lr "
         f"{config['lr']}, max_grad_norm {config['max_grad_norm']}; one process, {_where(config, env)}, "
         f"{env['threads']} torch thread; torch {env['torch']}, Python {env['python']}, {env['platform']}, "
         f"{env['cpu_count']} CPUs; load average "

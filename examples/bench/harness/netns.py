@@ -1,8 +1,8 @@
 """Two "nodes" on one Linux machine: network namespaces joined by a veth pair shaped to a link rate.
 
-``distaccum bench --link-rate 1Gbit`` runs its two ranks one per namespace, so that gradients cross a link of
-that rate (``tc`` token bucket on both ends) instead of loopback, where the network is nearly free. Needs Linux,
-root, and ``ip``/``tc`` (iproute2). Only addresses inside the namespaces are used: a random private /30 that no
+``python -m examples.bench.harness --link-rate 1Gbit`` runs its two ranks one per namespace, so that gradients cross
+a link of that rate (``tc`` token bucket on both ends) instead of loopback, where the network is nearly free. Needs
+Linux, root, and ``ip``/``tc`` (iproute2). Only addresses inside the namespaces are used: a random private /30 that no
 interface or route of this host covers. Both namespaces are deleted on the way out, also when setup fails
 halfway, the body raises, or the process gets SIGINT/SIGTERM.
 

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from distaccum.tools.bench.counting import CommCounter, counting_allreduce_hook
-from distaccum.tools.bench.models import Batch, ModelSpec
+from examples.bench.harness.counting import CommCounter, counting_allreduce_hook
+from examples.bench.harness.models import Batch, ModelSpec
 
 LEARNING_RATE = 1e-3
 MAX_NORM = 0.005

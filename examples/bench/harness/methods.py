@@ -24,9 +24,9 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from distaccum import dist
-from distaccum.tools.bench.methods_base import LEARNING_RATE, MAX_NORM, Context, Method
-from distaccum.tools.bench.methods_sharded import SHARDED_METHODS
-from distaccum.tools.bench.models import Batch
+from examples.bench.harness.methods_base import LEARNING_RATE, MAX_NORM, Context, Method
+from examples.bench.harness.methods_sharded import SHARDED_METHODS
+from examples.bench.harness.models import Batch
 
 __all__ = ["LEARNING_RATE", "MAX_NORM", "METHODS", "Context", "Method", "check_methods", "method_labels"]
 

@@ -1,4 +1,4 @@
-"""What ``distaccum bench`` runs (:class:`BenchConfig`) and the command line that reproduces it."""
+"""What the harness runs (:class:`BenchConfig`) and the command line that reproduces it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-from distaccum.tools.bench.methods import METHODS, check_methods
-from distaccum.tools.bench.models import model_spec
 from distaccum.tools.planner import parse_bandwidth
+from examples.bench.harness.methods import METHODS, check_methods
+from examples.bench.harness.models import model_spec
 
 _NEEDS = {
     "accelerate": ("accelerate",),
@@ -18,6 +18,9 @@ _NEEDS = {
         ("distaccum_deepspeed", "distaccum_zero2", "distaccum_zero3"), ("deepspeed", "distaccum.integrations.deepspeed")
     ),
 }
+
+PROG = "python -m examples.bench.harness"
+"""How the harness runs, from the repository root: the start of every command line it writes."""
 
 SWEEP_METHODS = ("distaccum", "real_batch")
 """Methods of the memory sweep: the virtual batch and the real batch of the same size."""
@@ -42,18 +45,18 @@ def available_methods() -> tuple[str, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
-    """What ``distaccum bench`` runs."""
+    """What the harness runs."""
 
     nproc: int = 2
     """Ranks to start (gloo on CPU, nccl on GPU)."""
     models: tuple[str, ...] = ("mlp", "transformer")
-    """Benchmark models, from :data:`distaccum.tools.bench.models.MODELS`."""
+    """Benchmark models, from :data:`examples.bench.harness.models.MODELS`."""
     accum_steps: tuple[int, ...] = (8,)
     """Micro-batches per optimizer step; one timing case per (model, accum_steps)."""
     micro_batch_size: int | None = None
     """Samples per micro-batch; None takes each model's default (8)."""
     methods: tuple[str, ...] = dataclasses.field(default_factory=available_methods)
-    """Methods to compare, from :data:`distaccum.tools.bench.methods.METHODS`; default: (a) to (k), those installed."""
+    """Methods to compare, from :data:`examples.bench.harness.methods.METHODS`; default: (a) to (k), those installed."""
     warmup: int = 1
     """Untimed rounds per case (first-touch allocations, DDP bucket rebuild, lazy inits)."""
     rounds: int = 5
@@ -75,7 +78,7 @@ class BenchConfig:
     """Upper bound for each job of ranks; a hang fails instead of blocking forever."""
     link_rate: str | None = None
     """Run the ranks as two nodes in network namespaces joined by a link of this rate (``100Mbit``, ``10Gbit``;
-    Linux and root only, :mod:`distaccum.tools.bench.netns`), plus a loopback baseline; None: loopback only."""
+    Linux and root only, :mod:`examples.bench.harness.netns`), plus a loopback baseline; None: loopback only."""
 
     def __post_init__(self) -> None:
         for name in ("nproc", "rounds", "memory_steps", "timeout_s"):
@@ -117,7 +120,8 @@ def allocator_environment() -> dict[str, str]:
 
 
 def command_line(config: BenchConfig) -> str:
-    """The ``distaccum bench`` command that reproduces ``config`` (every knob spelled out, allocator env first)."""
+    """The command that reproduces ``config``, from the repository root (every knob spelled out, allocator env
+    first)."""
     parts = [
         f"--nproc {config.nproc}",
         "--models " + " ".join(config.models),
@@ -139,4 +143,4 @@ def command_line(config: BenchConfig) -> str:
         *([f"--link-rate {config.link_rate}"] if config.link_rate else []),
     ]
     prefix = "".join(f"{name}={value} " for name, value in allocator_environment().items())
-    return prefix + "distaccum bench " + " ".join(parts)
+    return f"{prefix}{PROG} " + " ".join(parts)

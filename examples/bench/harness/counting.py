@@ -10,12 +10,15 @@ wrapped. Gradient reductions are kept apart by kind: reduce-scatters and all-red
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 import torch.distributed as torch_dist
+
+if TYPE_CHECKING:
+    from examples.bench.harness.records import MethodTimings
 
 _COUNTED_COLLECTIVES = (
     "all_reduce",
@@ -140,7 +143,18 @@ def one_or_all(values: set[Any]) -> Any:
     return ordered[0] if len(ordered) == 1 else ordered
 
 
-def summarize_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
+class StepCounts(TypedDict):
+    """What :func:`summarize_counts` returns: a method's counts per step, keys of its JSON entry."""
+
+    gradient_reductions_per_step: int | list[int]
+    other_collectives_per_step: int | list[int]
+    reduce_scatters_per_step: int | list[int]
+    gradient_all_reduces_per_step: int | list[int]
+    all_gathers_per_step: int | list[int]
+    gradient_reductions_by_micro_step: list[int] | list[list[int]] | None
+
+
+def summarize_counts(records: Sequence[MethodTimings]) -> StepCounts:
     """Per-step counts of one method over its ranks' records (an int where all steps agree, else the sorted values).
 
     Keys: ``gradient_reductions_per_step`` (reduce-scatters + gradient all-reduces), ``other_collectives_per_step``,
@@ -148,16 +162,17 @@ def summarize_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
     ``gradient_reductions_by_micro_step`` (one list per step, as an int list where all agree; None where the method
     does not mark its micro-steps).
     """
-    counts = {
-        f"{key}_per_step": one_or_all({c for r in records for c in r.get(key, [])} or {0})
-        for key in (
-            "gradient_reductions",
-            "other_collectives",
-            "reduce_scatters",
-            "gradient_all_reduces",
-            "all_gathers",
-        )
-    }
-    steps = {tuple(step) for r in records for step in r.get("by_micro_step", []) if step}
+
+    def per_step(counts: Callable[[MethodTimings], list[int]]) -> int | list[int]:
+        return one_or_all({c for r in records for c in counts(r)} or {0})
+
+    steps = {tuple(step) for r in records for step in r.by_micro_step if step}
     by_step = [list(step) for step in sorted(steps)]
-    return counts | {"gradient_reductions_by_micro_step": (by_step[0] if len(by_step) == 1 else by_step) or None}
+    return {
+        "gradient_reductions_per_step": per_step(lambda r: r.gradient_reductions),
+        "other_collectives_per_step": per_step(lambda r: r.other_collectives),
+        "reduce_scatters_per_step": per_step(lambda r: r.reduce_scatters),
+        "gradient_all_reduces_per_step": per_step(lambda r: r.gradient_all_reduces),
+        "all_gathers_per_step": per_step(lambda r: r.all_gathers),
+        "gradient_reductions_by_micro_step": (by_step[0] if len(by_step) == 1 else by_step) or None,
+    }

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from distaccum.tools.bench.methods_base import LEARNING_RATE, Context, Method
+from examples.bench.harness.methods_base import LEARNING_RATE, Context, Method
 
 HSDP_MESH = (2, 2)
 """(replicate, shard) of the HSDP methods: they run on exactly 4 ranks."""
@@ -93,4 +93,4 @@ class HsdpSharded(HsdpBoundary):
 
 
 SHARDED_METHODS: tuple[type[Method], ...] = (Fsdp2Boundary, Fsdp2Sharded, Fsdp2Every, HsdpBoundary, HsdpSharded)
-"""(l) to (p), in the order of the registry (:data:`distaccum.tools.bench.methods.METHODS`)."""
+"""(l) to (p), in the order of the registry (:data:`examples.bench.harness.methods.METHODS`)."""

@@ -1,6 +1,6 @@
-"""One rank of a benchmark job: ``python -m distaccum.tools.bench.worker SPEC.json RESULT_DIR``.
+"""One rank of a benchmark job: ``python -m examples.bench.harness.worker SPEC.json RESULT_DIR``.
 
-Two kinds of job, started by :mod:`distaccum.tools.bench.launch` with ``RANK``/``WORLD_SIZE``/``MASTER_*`` set:
+Two kinds of job, started by :mod:`examples.bench.harness.launch` with ``RANK``/``WORLD_SIZE``/``MASTER_*`` set:
 
 * ``time``: one long-lived group builds every method of a case, then runs rounds in which each method does
   one optimizer step on the same micro-batches, so machine drift hits all methods alike; the order follows a
@@ -17,7 +17,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,19 @@ import torch
 import torch.distributed as torch_dist
 
 from distaccum import dist
-from distaccum.tools.bench.counting import CommCounter, counting_collectives
-from distaccum.tools.bench.methods import METHODS, Context, Method
-from distaccum.tools.bench.models import model_spec, round_batches
-from distaccum.tools.bench.order import round_order
+from examples.bench.harness.counting import CommCounter, counting_collectives
+from examples.bench.harness.methods import METHODS, Context, Method
+from examples.bench.harness.models import model_spec, round_batches
+from examples.bench.harness.order import round_order
+from examples.bench.harness.records import (
+    Case,
+    CaseTimings,
+    Gradient,
+    Job,
+    MemoryMeasurement,
+    MethodTimings,
+    TimeResult,
+)
 
 
 def _sync_device(device: torch.device) -> None:
@@ -49,12 +58,12 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
-def _context(spec: dict[str, Any], case: dict[str, Any], counter: CommCounter, raw_all_reduce: Any) -> Context:
+def _context(job: Job, case: Case, counter: CommCounter, raw_all_reduce: Any) -> Context:
     return Context(
-        spec=model_spec(case["model"], spec["size"]),
-        micro_batch_size=case["micro_batch_size"],
-        accum_steps=case["accum_steps"],
-        seed=spec["seed"],
+        spec=model_spec(case.model, job.size),
+        micro_batch_size=case.micro_batch_size,
+        accum_steps=case.accum_steps,
+        seed=job.seed,
         device=dist.device(),
         world_size=dist.world_size(),
         counter=counter,
@@ -74,26 +83,20 @@ class _BytesReduced:
         return self.all_reduce(tensor, *args, **kwargs)
 
 
-_COUNTS = ("gradient_reductions", "other_collectives", "reduce_scatters", "gradient_all_reduces", "all_gathers")
-"""What :class:`CommCounter` counted in each timed step, recorded per method and round."""
-
-
 def _flat(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.detach().to("cpu", torch.float64).flatten() for p in params])
 
 
-def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context, reduced: _BytesReduced) -> dict[str, Any]:
-    names: list[str] = spec["methods"]
+def _time_case(job: Job, case: Case, ctx: Context, reduced: _BytesReduced) -> CaseTimings:
+    names = job.methods
     methods: dict[str, Method] = {}
     for name in names:
         methods[name] = METHODS[name](ctx)
         gc.collect()
     # Accelerate and DeepSpeed may change the thread count when they start; every method gets the same.
-    torch.set_num_threads(spec["threads"])
-    records: dict[str, dict[str, list[Any]]] = {
-        name: {key: [] for key in ("seconds", "cpu_seconds", "bytes", *_COUNTS, "by_micro_step")} for name in names
-    }
-    for round_index in range(spec["warmup"] + spec["rounds"]):
+    torch.set_num_threads(job.threads)
+    records = {name: MethodTimings() for name in names}
+    for round_index in range(job.warmup + job.rounds):
         batches = round_batches(
             ctx.spec,
             seed=ctx.seed,
@@ -113,39 +116,34 @@ def _time_case(spec: dict[str, Any], case: dict[str, Any], ctx: Context, reduced
             method.step(prepared)
             _sync_device(ctx.device)
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            if round_index >= spec["warmup"]:
-                records[name]["seconds"].append(elapsed)
-                records[name]["cpu_seconds"].append(cpu)
-                for key in _COUNTS:
-                    records[name][key].append(getattr(ctx.counter, key))
-                records[name]["by_micro_step"].append(ctx.counter.by_micro_step)
-                records[name]["bytes"].append(reduced.bytes)
+            if round_index >= job.warmup:
+                records[name].record_round(elapsed, cpu, ctx.counter, reduced.bytes)
     # Same seed, same data, same number of steps: every method should have made the same update as (b).
     torch.manual_seed(ctx.seed)
     parameters: list[torch.Tensor] = list(ctx.spec.build().parameters())
     initial = _flat(parameters)
-    gradient = {
-        "params": sum(p.numel() for p in parameters),
-        "bytes": sum(p.numel() * p.element_size() for p in parameters),
-    }
+    gradient = Gradient(
+        params=sum(p.numel() for p in parameters),
+        bytes=sum(p.numel() * p.element_size() for p in parameters),
+    )
     finals = {name: _flat(methods[name].parameters()) for name in names}
 
     def mismatch(name: str, reference: torch.Tensor) -> float:
         return float((finals[name] - reference).norm()) / max(float((reference - initial).norm()), 1e-300)
 
     for name in names:
-        records[name]["update_mismatch"] = [mismatch(name, finals.get("no_sync", finals[names[0]]))]
+        records[name].update_mismatch = mismatch(name, finals.get("no_sync", finals[names[0]]))
         # The clipping methods make another update than (b): their sanity check is against their own reference.
         own = METHODS[name].reference
-        records[name]["update_mismatch_vs_reference"] = [mismatch(name, finals[own]) if own in finals else None]
-        records[name]["fingerprint"] = [float(finals[name].sum()), float(finals[name].norm())]
+        records[name].update_mismatch_vs_reference = mismatch(name, finals[own]) if own in finals else None
+        records[name].fingerprint = [float(finals[name].sum()), float(finals[name].norm())]
         methods[name].close()
     methods.clear()
     gc.collect()
-    return {**case, "gradient": gradient, "methods": records}
+    return CaseTimings(case=case, gradient=gradient, methods=records)
 
 
-def time_cases(spec: dict[str, Any]) -> dict[str, Any]:
+def time_cases(job: Job) -> TimeResult:
     """Run every case of a ``time`` job on this rank; returns per-method step times and counts."""
     counter = CommCounter()
     original = torch_dist.all_reduce
@@ -157,16 +155,16 @@ def time_cases(spec: dict[str, Any]) -> dict[str, Any]:
     torch_dist.all_reduce = reduced
     try:
         with counting_collectives(counter, gradient_buffers=lambda: current["ctx"].python_gradient_reductions):
-            for case in spec["cases"]:
-                ctx = _context(spec, case, counter, reduced)
+            for case in job.cases:
+                ctx = _context(job, case, counter, reduced)
                 ctx.accelerator = accelerator
                 current["ctx"] = ctx
-                cases.append(_time_case(spec, case, ctx, reduced))
+                cases.append(_time_case(job, case, ctx, reduced))
                 accelerator = ctx.accelerator
                 del ctx
     finally:
         torch_dist.all_reduce = original
-    return {"cases": cases, "threads": torch.get_num_threads()}
+    return TimeResult(cases=cases, threads=torch.get_num_threads())
 
 
 class _OneAtATime(Sequence[Any]):
@@ -189,17 +187,17 @@ class _OneAtATime(Sequence[Any]):
         return x.to(self._device), y.to(self._device)
 
 
-def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
+def measure_memory(job: Job) -> MemoryMeasurement:
     """Build one method in this fresh process, run a few steps, and report peak memory."""
-    case = spec["cases"][0]
-    (name,) = spec["methods"]
-    ctx = _context(spec, case, CommCounter(), torch_dist.all_reduce)
+    case = job.cases[0]
+    (name,) = job.methods
+    ctx = _context(job, case, CommCounter(), torch_dist.all_reduce)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     baseline = _current_rss_bytes()
     method = METHODS[name](ctx)
-    torch.set_num_threads(spec["threads"])
-    for step in range(spec["steps"]):
+    torch.set_num_threads(job.threads)
+    for step in range(job.steps):
         batches = round_batches(
             ctx.spec,
             seed=ctx.seed,
@@ -212,13 +210,13 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
         staged = type(method).prepare is Method.prepare
         method.step(_OneAtATime(batches, ctx.device) if staged else method.prepare(batches))
     _sync_device(ctx.device)
-    result = {
-        **case,
-        "method": name,
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "baseline_rss_bytes": baseline,
-        "peak_cuda_bytes": torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None,
-    }
+    result = MemoryMeasurement(
+        case=case,
+        method=name,
+        peak_rss_bytes=_peak_rss_bytes(),
+        baseline_rss_bytes=baseline,
+        peak_cuda_bytes=torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None,
+    )
     method.close()
     del method, ctx
     return result
@@ -227,11 +225,11 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one rank: read the job, run it inside a clean process group, write the result."""
     spec_path, result_dir = sys.argv[1:] if argv is None else argv
-    spec = json.loads(Path(spec_path).read_text())
-    torch.set_num_threads(spec["threads"])
-    job = time_cases if spec["kind"] == "time" else measure_memory
-    result = dist.run(job, spec)
-    Path(result_dir, f"result-{dist.rank()}.json").write_text(json.dumps(result))
+    job = Job.from_json(json.loads(Path(spec_path).read_text()))
+    torch.set_num_threads(job.threads)
+    run: Callable[[Job], TimeResult | MemoryMeasurement] = time_cases if job.kind == "time" else measure_memory
+    result = dist.run(run, job)
+    Path(result_dir, f"result-{dist.rank()}.json").write_text(json.dumps(result.to_json()))
     return 0
 
 

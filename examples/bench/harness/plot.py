@@ -1,4 +1,4 @@
-"""``distaccum bench``'s figure (needs matplotlib): peak memory and step time against accum_steps, as a PNG.
+"""The harness's figure (needs matplotlib): peak memory and step time against accum_steps, as a PNG.
 
 Left, the memory sweep: peak memory per rank against k for the virtual batch micro x k (distaccum, solid line)
 and the real batch micro x k in one pass (dashed), one colour per model. Right: each method's median step time
@@ -7,7 +7,8 @@ Both x axes are logarithmic (k doubles from point to point in the usual sweeps),
 
 Example::
 
-    distaccum bench --size tiny --models mlp --accum-steps 1 4 --memory-sweep 1 4 --json bench.json  # bench.png
+    # writes bench.png next to bench.json
+    python -m examples.bench.harness --size tiny --models mlp --accum-steps 1 4 --memory-sweep 1 4 --json bench.json
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def require_matplotlib() -> Any:
         matplotlib = importlib.import_module("matplotlib")
     except ImportError as error:
         raise ImportError(
-            "distaccum bench needs matplotlib for its PNG (--plot); install it with: pip install 'distaccum[bench]'"
+            "the bench harness needs matplotlib for its PNG (--plot); install it with: pip install 'distaccum[bench]'"
         ) from error
     matplotlib.use("Agg")  # files only: never open a window, works without a display
     return importlib.import_module("matplotlib.pyplot")
@@ -126,7 +127,7 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path:
     """Write the two-panel PNG of a bench run (what ``--json`` writes) to ``path``.
 
     Args:
-        results: :func:`distaccum.tools.bench.run_benchmark`'s figures (or the JSON read back).
+        results: :func:`examples.bench.harness.run_benchmark`'s figures (or the JSON read back).
         path: where the PNG goes; its folder is created.
 
     Returns:
@@ -145,7 +146,7 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path:
         _memory_panel(memory_axes, results, env.get("device", "cpu"))
         _time_panel(time_axes, results, line)
         figure.suptitle(
-            f"distaccum bench: {config['nproc']} ranks ({env.get('backend')}, {env.get('threads_per_rank')} "
+            f"bench harness: {config['nproc']} ranks ({env.get('backend')}, {env.get('threads_per_rank')} "
             f"thread(s)/rank), torch {env.get('torch')}; {config['rounds']} timed rounds",
             fontsize="medium",
         )

@@ -11,28 +11,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from examples.bench.harness.rows import MemoryIndex, MemoryPeak, MemoryRow
 
-def memory_rows(memory: dict[tuple[Any, ...], dict[str, Any]], labels: dict[str, str]) -> list[dict[str, Any]]:
-    """``memory_by_accum_steps`` from the report's memory index ``(model, micro, k, method) -> figures``."""
-    grouped: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = {}
-    for (model, micro, k, method), entry in memory.items():
-        grouped.setdefault((model, micro, method), {})[k] = entry
+
+def memory_rows(memory: MemoryIndex, labels: dict[str, str]) -> list[MemoryRow]:
+    """``memory_by_accum_steps`` from the report's memory index ``(case, method) -> peaks``."""
+    grouped: dict[tuple[str, int, str], dict[int, MemoryPeak]] = {}
+    for (case, method), entry in memory.items():
+        grouped.setdefault((case.model, case.micro_batch_size, method), {})[case.accum_steps] = entry
     rows = []
     for (model, micro, method), by_k in grouped.items():
         ks = sorted(by_k)
-        peaks = [
-            by_k[k]["peak_cuda_mib"] if by_k[k]["peak_cuda_mib"] is not None else by_k[k]["peak_rss_mib"] for k in ks
-        ]
         rows.append(
-            {
-                "model": model,
-                "micro_batch_size": micro,
-                "method": method,
-                "label": labels.get(method, method),
-                "accum_steps": ks,
-                "peak_mib": peaks,
-                "start_mib": [by_k[k]["start_rss_mib"] for k in ks],
-            }
+            MemoryRow(
+                model=model,
+                micro_batch_size=micro,
+                method=method,
+                label=labels.get(method, method),
+                accum_steps=ks,
+                peak_mib=[by_k[k].peak_mib for k in ks],
+                start_mib=[by_k[k].start_rss_mib for k in ks],
+            )
         )
     return rows
 
