@@ -1,10 +1,18 @@
 """The call path: ``micro_step`` -> ``backward`` -> at the boundary: one scalar all-reduce -> factor -> scale ->
-step -> scheduler -> :class:`StepResult`. The window's arithmetic: :mod:`distaccum.weighting`; scalar collectives:
-:mod:`distaccum.collectives`; the model wrapper: :mod:`distaccum.backends`; uneven data: :mod:`distaccum.uneven`.
+step -> scheduler -> :class:`StepResult`. The window's arithmetic: :mod:`distaccum.weighting`; where it is reduced:
+:mod:`distaccum.reduction`; the micro-step state machine: :mod:`distaccum.window`; scalar collectives:
+:mod:`distaccum.collectives`; the model wrapper: :mod:`distaccum.backends`; uneven data: :mod:`distaccum.uneven`;
+the micro-batch size on out of memory: :mod:`distaccum.resize`.
+
+What the accumulator reports about itself and saves (:meth:`Accumulator.state_dict`): its counters, the window's
+position and arithmetic, the plan with a batch schedule's place in it and the micro-batch size ``auto_micro_batch``
+found, and mid-window the gradients accumulated so far: plain Python values and tensors, so that
+:mod:`distaccum.checkpoint` can write them with ``weights_only`` loading.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
@@ -19,15 +27,15 @@ from distaccum.micro_step import MicroStep
 from distaccum.noise import NoiseScale
 from distaccum.plan import BatchPlan
 from distaccum.schedule import BatchSchedule, PlanTracker
-from distaccum.state import AccumulatorState
 from distaccum.weighting import StepResult, WindowClose, WindowLedger
+from distaccum.window import MicroSteps
 
 __all__ = ["Accumulator", "StepResult"]
 
 T = TypeVar("T")
 
 
-class Accumulator(AccumulatorState):
+class Accumulator:
     """Gradient accumulation over ``plan.accum_steps`` micro-batches per optimizer step, on any backend.
 
     Args:
@@ -119,7 +127,6 @@ class Accumulator(AccumulatorState):
         self._auto = auto_micro_batch
         if auto_micro_batch:
             resize.check_model(model, self._backend, batch_norm)
-        self._splitting = False
         self.micro_batch_retries = 0
         """Windows started again with a smaller micro-batch after some rank ran out of memory."""
         self.last_step: StepResult | None = None
@@ -130,18 +137,13 @@ class Accumulator(AccumulatorState):
         self.skipped_steps = 0
         self.dropped_micro_batches = 0
         """Micro-batches of this rank that :meth:`iterate` did not train on (see there)."""
-        self._in_micro_step = False
-        self._boundary_now = False
-        self._backward_done = False
-        self._backward_begun = False
+        self._steps = MicroSteps()
         self._agreed = False
-        self._end_of_data = False  # set by iterate(): the next micro-step is the last one of the data
-        self._micro_steps_run = 0
         self._broken: str | None = None
         self._guards = guards.LoopGuards(
             optimizer,
             scheduler,
-            window_open=lambda: self._in_micro_step or self._window.position > 0,
+            window_open=lambda: self._steps.inside or self._window.position > 0,
             options={  # what every rank must have alike, checked with the plan
                 "max_grad_norm": max_grad_norm,
                 "on_nonfinite": on_nonfinite,
@@ -166,33 +168,29 @@ class Accumulator(AccumulatorState):
         Raises:
             RuntimeError: nested ``micro_step``, or the block ended without :meth:`backward`.
         """
-        if self._in_micro_step or self._broken or self._auto or not self._agreed or not self._micro_steps_run:
+        if self._steps.inside or self._broken or self._auto or not self._agreed or not self._steps.run:
             self._check_opening()
-        position = self._window.position
-        boundary = last or self._end_of_data or position + 1 >= self._window.accum_steps  # the plan's, kept by _use
-        self._end_of_data = False
-        self._micro_steps_run += 1
-        self._in_micro_step = True
-        self._boundary_now = boundary
-        self._backward_done = False
-        self._backward_begun = False
+        full = self._window.position + 1 >= self._window.accum_steps  # the plan's, kept by _use
+        boundary = self._steps.open(ends_window=last or full)
         self.stepped = False
-        return MicroStep(self, boundary, self._reduction.context(boundary))
+        return MicroStep(self, self._end_micro_step, boundary, self._reduction.context(boundary))
 
     def _end_micro_step(self, boundary: bool, error: BaseException | None) -> bool:  # MicroStep.__exit__
-        self._in_micro_step = False
-        if error is None and not self._backward_done:
+        begun = self._steps.backward_begun
+        done = self._steps.backward_done
+        self._steps.close()
+        if error is None and not done:
             error = RuntimeError(
                 "acc.micro_step() ended without acc.backward(loss): every micro-step must run exactly one backward "
                 "so that all ranks take part in the gradient reduction; call acc.backward(loss) in the block."
             )
-            self._abandon_micro_step(boundary)
+            self._abandon_micro_step(boundary, begun=begun, done=done)
             raise error
         if error is not None:
             if self._auto and resize.is_out_of_memory(error):
                 self._window.out_of_memory = True  # split() takes this rank to the boundary's all-reduce
                 return True
-            self._abandon_micro_step(boundary)
+            self._abandon_micro_step(boundary, begun=begun, done=done)
             return False
         self._window.position += 1
         if boundary:
@@ -224,15 +222,15 @@ class Accumulator(AccumulatorState):
         if self.grad_scaler is not None:
             loss = self.grad_scaler.scale(loss)
         self._reduction.backward(loss, scale, first=window.position == 0)
-        self._backward_done = True
+        self._steps.end_backward()
         self._after_backward(count, scale)
 
     def _check_backward_call(self) -> None:
-        if self._backward_done or not self._in_micro_step:
+        if self._steps.backward_done or not self._steps.inside:
             raise RuntimeError(
                 "acc.backward() was called twice in one micro-step; add the losses and call it once "
                 "(acc.backward(loss_a + loss_b))."
-                if self._in_micro_step
+                if self._steps.inside
                 else "acc.backward() was called outside `with acc.micro_step():`; the accumulator could not decide "
                 "whether to sync gradients. Put the forward and acc.backward(loss) inside the `with` block."
             )
@@ -243,9 +241,9 @@ class Accumulator(AccumulatorState):
         window = self._window
         if window.position:
             self._guards.window_grads.check(self.optimizer)
-        if self._boundary_now:
+        if self._steps.boundary:
             self._guards.scheduler.check()
-        self._backward_begun = True  # from here on collectives may be in flight: no joining them after a failure
+        self._steps.begin_backward()  # from here on collectives may be in flight: no joining them after a failure
         if not self._auto and window.needs_item_agreement(count):
             # First backward of a run: ranks agree on giving num_items (a rank without it fails here, on every
             # rank, instead of mismatching collectives later) and seed the items-per-micro-step estimate.
@@ -255,7 +253,7 @@ class Accumulator(AccumulatorState):
         """What a micro-step inside the window remembers: its gradients' identity (a change between micro-steps is
         named at the next backward), and the noise scale's small-batch reading at the window's first micro-step."""
         window = self._window
-        if self._boundary_now:
+        if self._steps.boundary:
             return
         if self._backend.grads_in_params and not self._auto:
             self._guards.window_grads.remember(self.optimizer)
@@ -270,7 +268,9 @@ class Accumulator(AccumulatorState):
             window, nonfinite, norm = self._close_window(local)
             if window.retry:  # some rank ran out of memory: no step; split() runs the window again, smaller
                 self._reduction.discard_grads(self.optimizer)
-                self._use(self._plans.use_micro_batch_size(resize.shrink(self), self.optimizer_steps))
+                smaller = resize.next_size(self.plan.micro_batch_size, self._plans.smaller())
+                self.micro_batch_retries += 1
+                self._use(self._plans.use_micro_batch_size(smaller, self.optimizer_steps))
                 return
             self._step_window(window, nonfinite, norm)
         except BaseException:
@@ -330,7 +330,7 @@ class Accumulator(AccumulatorState):
     def flush(self) -> StepResult | None:
         """Step a short last window at the end of data, normalized by what it really had. Collective: every rank
         calls it (those with nothing pending too); returns the step's result, or None when no rank had one."""
-        if self._in_micro_step:
+        if self._steps.inside:
             raise RuntimeError("acc.flush() was called inside `with acc.micro_step():`; call it after the loop")
         self._join_opening_collectives()  # before the all-reduce below: a rank with no micro-step since a load
         if collectives.sum_over_ranks([self._window.position])[0] == 0:
@@ -343,26 +343,95 @@ class Accumulator(AccumulatorState):
         """Yield this rank's micro-batches, one per ``acc.micro_step()``, so that ranks whose data ends at different
         points never hang: the window where the first rank runs out is cut to what every rank has and steps as their
         exact mean (or not at all, ``drop_last=True``); details and an example in :mod:`distaccum.uneven`."""
-        return uneven.iterate(self, micro_batches, drop_last=drop_last)
+        if self.check_ranks and not self._agreed:
+            self._check_agreement()  # before the first count all-reduce: a plan mismatch names itself
+        source = iter(micro_batches)
+        while True:
+            need = self.plan.accum_steps - self.micro_step_in_window
+            window, common = uneven.take_window(source, need)
+            self.dropped_micro_batches += len(window) - common
+            if common < need and (drop_last or common == 0):
+                self._end_of_uneven_data(drop_last, common)
+                return
+            yield from self._one_per_micro_step(window[:common], cut=common < need)
+            if common < need:
+                return
+
+    def _end_of_uneven_data(self, drop_last: bool, common: int) -> None:
+        """The data ends before the window does, on some rank: drop the short window, or step what it had."""
+        if drop_last:
+            self.dropped_micro_batches += common
+            self._discard_window()
+        elif self.micro_step_in_window:  # resumed mid-window and the data ends right there
+            self.flush()
+
+    def _one_per_micro_step(self, batches: list[T], *, cut: bool) -> Iterator[T]:
+        """Yield ``batches``, checking that each ran in one micro-step; ``cut``: the last one ends the data."""
+        for index, batch in enumerate(batches):
+            expected = self._steps.run + 1
+            self._steps.data_ends = cut and index == len(batches) - 1
+            try:
+                yield batch
+            except GeneratorExit:  # the loop was left early: the flag must not end some later window
+                self._steps.data_ends = False
+                raise
+            if self._steps.run != expected or self._steps.inside:
+                raise RuntimeError(
+                    "acc.iterate() yields one micro-batch per acc.micro_step(): run each one inside "
+                    f"`with acc.micro_step():` (this one ran {self._steps.run - expected + 1})"
+                )
 
     def split(self, batch: T) -> Iterator[T]:
         """Yield ``batch`` (this rank's share of a global batch: a tensor, or a tuple or dict of them) in micro-batches
         of ``plan.micro_batch_size``, one per ``acc.micro_step()``; the last ends the window. With ``auto_micro_batch``
-        a window where some rank ran out of memory is yielded again, smaller."""
-        return resize.split(self, batch)
+        a window where some rank ran out of memory is yielded again, smaller (:mod:`distaccum.resize`)."""
+        if self._auto and self._window.discarded and self.micro_step_in_window and not self._steps.inside:
+            # An exception left the last split window open: it joins the boundary's all-reduce now, where the others
+            # end theirs, and is skipped on every rank (no collective inside a window in this mode, so none is missed).
+            self._finish_window()
+        if self.micro_step_in_window or self._steps.inside:
+            raise RuntimeError(
+                f"acc.split(batch) starts a window, but this one is open at micro-step {self.micro_step_in_window}; "
+                "split every loader batch with acc.split() (or none)"
+            )
+        size = resize.batch_length(batch)
+        resize.check_share(size, self.plan)
+        while True:
+            yield from self._split_once(batch, size)
+            if self._window.out_of_memory:  # this rank stopped early: join the boundary's all-reduce now
+                resize.release_memory()
+                self._finish_window()
+            if self.stepped:
+                return
+            resize.release_memory()  # another rank ran out: the window starts again at the smaller size
+
+    def _split_once(self, batch: T, size: int) -> Iterator[T]:
+        """One try of the window: ``batch`` in micro-batches of the size in use, until this rank runs out of memory."""
+        micro = self.plan.micro_batch_size
+        self._steps.splitting = True
+        try:
+            for start in range(0, size, micro):
+                expected = self._steps.run + 1
+                yield resize.slice_batch(batch, start, start + micro)
+                if self._steps.run != expected or self._steps.inside:
+                    raise RuntimeError("acc.split() yields one micro-batch per acc.micro_step(): run each inside it")
+                if self._window.out_of_memory:
+                    break
+        finally:
+            self._steps.splitting = False
 
     def _check_opening(self) -> None:  # micro_step's rare cases: misuse, auto_micro_batch, a run's first micro-step
-        if self._in_micro_step:
+        if self._steps.inside:
             raise RuntimeError(
                 "acc.micro_step() is already active: micro-steps do not nest. Close the first `with` block before "
                 "opening the next (one micro-batch per micro_step)."
             )
         if self._broken:
             raise RuntimeError(self._broken)
-        if self._auto and not self._splitting:
+        if self._auto and not self._steps.splitting:
             raise RuntimeError("auto_micro_batch=True: run the micro-steps over acc.split(batch), which retries them")
-        if not self._agreed or not self._micro_steps_run:  # a run's start, or a load_state_dict: state set anew
-            self._guards.run_starts(self.optimizer, first=not self._window.position and not self._micro_steps_run)
+        if not self._agreed or not self._steps.run:  # a run's start, or a load_state_dict: state set anew
+            self._guards.run_starts(self.optimizer, first=not self._window.position and not self._steps.run)
         if not self._agreed and self.check_ranks:
             self._check_agreement()
         self._agreed = True  # check_ranks=False: nothing to agree on until a load_state_dict
@@ -372,3 +441,179 @@ class Accumulator(AccumulatorState):
         setup = {"auto_micro_batch": int(self._auto), "schedule": self.schedule.fingerprint() if self.schedule else 0}
         described = self._guards.described(self.optimizer, self.scheduler)
         collectives.check_plan_agreement(self.plan, self._window.position, self.optimizer_steps, setup, described)
+
+    @property
+    def micro_step_in_window(self) -> int:
+        """Micro-steps already taken in the open window (0 right after a step)."""
+        return self._window.position
+
+    @property
+    def is_boundary(self) -> bool:
+        """Inside ``micro_step``: whether it ends the window. Outside: whether the next one will."""
+        if self._steps.inside:
+            return self._steps.boundary
+        return self._window.position + 1 >= self.plan.accum_steps
+
+    @property
+    def consumed_samples(self) -> int:
+        """Samples (all ranks) in the windows closed so far: what schedules of batch and LR are keyed on."""
+        return self._plans.consumed_samples
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend chosen for the model (``plain``, ``ddp``, ``fsdp1``, ``fsdp2``, ``deepspeed``)."""
+        return self._backend.name
+
+    @property
+    def grads_in_params(self) -> bool:
+        """Whether unsynced gradients live in ``param.grad`` (plain, DDP: :meth:`state_dict` can save them)."""
+        return self._backend.grads_in_params
+
+    @property
+    def plan(self) -> BatchPlan:
+        """The plan of the open window (a batch schedule's stage; ``auto_micro_batch``'s micro-batch size)."""
+        return self._plans.plan
+
+    def _use(self, plan: BatchPlan) -> None:  # at a boundary the tracker moved on: the window follows its plan
+        self._window.accum_steps = plan.accum_steps
+
+    def state_dict(self, *, include_grads: bool = False) -> dict[str, Any]:
+        """Counters and window position (plain Python values), for exact resume; mid-window also the gradients.
+
+        The open window's arithmetic (item count, loss sum, a discard, the noise scale's small-batch reading) is
+        this rank's own, as its gradients are: under DDP every rank saves its own state (:func:`distaccum.checkpoint
+        .save` writes it next to each rank's gradients).
+
+        Args:
+            include_grads: also save the gradients accumulated so far in an unfinished window (under ``"grads"``,
+                one tensor or None per optimizer parameter; the float32 sums of bf16/fp16 gradients where
+                ``accumulate_dtype`` keeps them), so that a resume mid-window loses nothing. Under
+                DDP they are this rank's own unreduced gradients: every rank must save its own state. At a
+                window boundary there are none (they were zeroed by the step) and nothing is added.
+
+        Raises:
+            ValueError: ``include_grads`` mid-window on FSDP or DeepSpeed (private buffers): save at a boundary.
+        """
+        noise = self._window.noise
+        state: dict[str, Any] = {
+            "plan": self.plan.as_dict(),
+            "optimizer_steps": self.optimizer_steps,
+            "skipped_steps": self.skipped_steps,
+            **self._plans.state_dict(),
+            "noise_scale": None if noise is None else noise.state_dict(),
+            "window_noise": None if noise is None else noise.window_state(),
+            **self._window.state_dict(),
+        }
+        if include_grads and self._window.position:
+            # With float32 sums of bf16/fp16 gradients (distaccum.precision), those sums, in float32.
+            state["grads"] = self._reduction.window_grads(params_of(self.optimizer), self._window.where)
+            if self._window.batch_norm is not None:  # this rank's own, as the gradients
+                state["window_batch_norm"] = self._window.batch_norm.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the ranks' agreement is checked again at the next micro-step.
+
+        Everything is checked before anything changes: a refused state leaves the accumulator as it was. A window
+        open here is dropped (its gradients too): the result is the same as loading into fresh objects.
+        A boundary checkpoint may come from another world size with the same global and micro batch
+        (elastic resume): ``accum_steps`` is this job's plan's, and the optimizer step count carries on.
+
+        Raises:
+            RuntimeError: called inside ``with acc.micro_step():``.
+            ValueError: the saved plan has another global or micro batch; or another world size while the
+                checkpoint is mid-window; or saved gradients or BatchNorm statistics that do not fit this model;
+                or this FSDP/DeepSpeed accumulator is mid-window (its gradients are in private buffers).
+        """
+        window = self._window
+        if self._steps.inside:
+            raise RuntimeError(
+                "load_state_dict() was called inside `with acc.micro_step():`, whose backward belongs to the window "
+                "being replaced; load between micro-steps (before the loop, or right after a step)"
+            )
+        if window.position and not self._backend.grads_in_params:
+            raise ValueError(
+                f"load_state_dict() into an accumulator mid-window ({window.where}) of a {self.backend} model: the "
+                "window's unsynced gradients are in the wrapper's private buffers, which a load cannot clear, so "
+                "they would be added to the loaded state. Load into freshly built objects (or right after a step)."
+            )
+        plan, consumed = self._plans.resume(state)  # refuses another plan before anything changes
+        grads, batch_norm = state.get("grads"), state.get("window_batch_norm")
+        params = params_of(self.optimizer)
+        if grads is not None:
+            self._backend.check_window_grads(params, grads)
+        statistics = False  # the open window's BatchNorm statistics restored
+        if window.batch_norm is not None and grads is not None:
+            if batch_norm is None:
+                warnings.warn(
+                    f"loaded a mid-window state (micro-step {state['micro_step']}) without the window's BatchNorm "
+                    "statistics (saved before distaccum kept them): the running statistics of this step will pool "
+                    "only the micro-batches still to come",
+                    stacklevel=2,
+                )
+            else:
+                window.batch_norm.load_state_dict(batch_norm)  # the last check: it refuses before it changes
+                statistics = True
+        # Nothing is refused from here on. The open window's gradients would be added to the loaded ones.
+        if window.position:
+            self._reduction.discard_grads(self.optimizer)
+        if grads is not None:
+            self._reduction.restore_window_grads(params, grads)
+        if window.batch_norm is not None and not statistics:
+            window.batch_norm.reset()
+        self._plans.restore(plan, consumed)
+        self._use(plan)
+        window.load_state_dict(state, with_grads=grads is not None)
+        if window.noise is not None:
+            if state.get("noise_scale"):
+                window.noise.load_state_dict(state["noise_scale"])
+            window.noise.load_window_state(state.get("window_noise") if grads is not None else None)
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self._agreed = False
+
+    def discard_window(self) -> None:
+        """Discard the open window (no-op between windows): it runs on to its boundary, where every rank joins
+        the reduction as usual, and its step is skipped on every rank, so one rank may call it alone. A micro-step
+        whose ``with`` block raises does the same; the rules are in :mod:`distaccum.weighting` (discarded windows).
+        """
+        if self._steps.inside or self._window.position:
+            self._window.discarded = True
+
+    def _abandon_micro_step(self, boundary: bool, *, begun: bool, done: bool) -> None:
+        """The block raised (``begun``: after its backward began; ``done``: after it ran); as discard_window()."""
+        self._window.position += 1
+        self._window.discarded = True
+        if not boundary and not self._backend.syncs_in_window:
+            return
+        if not begun and self._reduction.in_backward and self._backend.join_reduction():
+            done = True  # the peers' reduction was joined with zeros: the window ends with theirs
+        if not boundary:
+            return
+        if done:  # this rank joined the boundary reduction: close the window with the others
+            self._finish_window()
+        elif self._backend.grads_in_params:  # no reduction joined: close locally, re-check the ranks next time
+            self._finish_window(local=True)
+            self._agreed = False
+        else:
+            self._broken = (
+                f"a {self.backend} boundary micro-step raised before acc.backward(): its unsynced gradients are in "
+                "buffers only a backward can reduce or clear, so no later step would be exact. Resume from the last "
+                "checkpoint (distaccum.checkpoint.load) in a fresh process."
+            )
+
+    def _join_opening_collectives(self) -> None:
+        """flush() on a rank that ran no micro-step since the start or a load: meet the collectives the other ranks'
+        first micro-step and backward make, in their order: the ranks' agreement, then the item mode's (abstaining:
+        this rank has no micro-batch to count)."""
+        if not self._agreed and self.check_ranks:
+            self._check_agreement()
+        if not self._auto and self._window.needs_item_agreement(None):
+            self._window.agree_on_items(*collectives.agree_on_item_mode(None, abstain=True))
+
+    def _discard_window(self) -> None:  # local, unsynced gradients of a window that will never step
+        self._reduction.drop_unreduced(self.optimizer)
+        self._window.reset()
+
+    def __repr__(self) -> str:
+        return f"Accumulator({self.plan}, {self.backend}, step {self.optimizer_steps}, at {self._window.position})"

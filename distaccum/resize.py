@@ -30,17 +30,14 @@ from __future__ import annotations
 
 import gc
 import warnings
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from distaccum.accumulator import Accumulator
-    from distaccum.backends import Backend
-
-T = TypeVar("T")
+from distaccum.backends import Backend
+from distaccum.plan import BatchPlan
 
 OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "HIP out of memory")
 
@@ -77,60 +74,30 @@ def check_model(model: nn.Module, backend: Backend, batch_norm: str = "exact") -
         )
 
 
-def split(acc: Accumulator, batch: T) -> Iterator[T]:
-    """The generator behind :meth:`distaccum.Accumulator.split` (see the module docstring)."""
-    if acc._auto and acc._window.discarded and acc.micro_step_in_window and not acc._in_micro_step:
-        # An exception left the last split window open: it joins the boundary's all-reduce now, where the others
-        # end theirs, and is skipped on every rank (no collective inside a window in this mode, so none is missed).
-        acc._finish_window()
-    if acc.micro_step_in_window or acc._in_micro_step:
-        raise RuntimeError(
-            f"acc.split(batch) starts a window, but this one is open at micro-step {acc.micro_step_in_window}; "
-            "split every loader batch with acc.split() (or none)"
-        )
-    size = _length(batch)
-    share = acc.plan.global_batch_size // acc.plan.world_size
+def check_share(size: int, plan: BatchPlan) -> None:
+    """Raises:
+    ValueError: a loader batch of ``size`` samples is not this rank's share of ``plan``'s global batch."""
+    share = plan.global_batch_size // plan.world_size
     if size != share:
         raise ValueError(
             f"acc.split(batch): the batch has {size} samples, but one rank's share of global_batch_size "
-            f"{acc.plan.global_batch_size} over world_size {acc.plan.world_size} is {share}; make the loader's "
+            f"{plan.global_batch_size} over world_size {plan.world_size} is {share}; make the loader's "
             f"batch_size {share} (acc.plan.global_batch_size // acc.plan.world_size, which a batch schedule changes)"
         )
-    while True:
-        micro = acc.plan.micro_batch_size
-        acc._splitting = True
-        try:
-            for start in range(0, size, micro):
-                expected = acc._micro_steps_run + 1
-                yield _slice(batch, start, start + micro)
-                if acc._micro_steps_run != expected or acc._in_micro_step:
-                    raise RuntimeError("acc.split() yields one micro-batch per acc.micro_step(): run each inside it")
-                if acc._window.out_of_memory:
-                    break
-        finally:
-            acc._splitting = False
-        if acc._window.out_of_memory:  # this rank stopped early: join the boundary's all-reduce now
-            _release_memory()
-            acc._finish_window()
-        if acc.stepped:
-            return
-        _release_memory()  # another rank ran out: the window starts again at the smaller size
 
 
-def shrink(acc: Accumulator) -> int:
-    """After some rank ran out of memory: the next size, on every rank alike (all saw the same flag).
+def next_size(failed: int, smaller: int | None) -> int:
+    """After some rank ran out of memory at micro-batch size ``failed``: ``smaller``, the next size (the same on
+    every rank: all saw the same flag), with a warning.
 
     Raises:
-        torch.OutOfMemoryError: even the smallest size ran out, on every rank.
+        torch.OutOfMemoryError: even the smallest size ran out, on every rank (``smaller`` is None).
     """
-    failed = acc.plan.micro_batch_size
-    smaller = acc._plans.smaller()
     if smaller is None:
         raise torch.OutOfMemoryError(
             f"distaccum auto_micro_batch: micro_batch_size {failed} ran out of memory on some rank and there is no "
             "smaller size; the model does not fit one sample per micro-step (shard it: FSDP, DeepSpeed ZeRO)"
         )
-    acc.micro_batch_retries += 1
     warnings.warn(
         f"distaccum auto_micro_batch: micro_batch_size {failed} ran out of memory on some rank; every rank starts "
         f"the window again with micro_batch_size {smaller} (the global batch is unchanged)",
@@ -139,32 +106,34 @@ def shrink(acc: Accumulator) -> int:
     return smaller
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
+    """Free what the failed (or the other ranks' failed) window held before it runs again."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _length(batch: Any) -> int:
+def batch_length(batch: Any) -> int:
+    """Samples in ``batch`` (the first tensor's dim 0, inside tuples, lists and dicts)."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0]
     items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
     for item in items:
         if isinstance(item, (torch.Tensor, Mapping, list, tuple)):
-            return _length(item)
+            return batch_length(item)
     raise TypeError(
         "acc.split() cuts tensors (and tuples, lists and dicts holding tensors) along dim 0; got "
         f"{type(batch).__name__} without a tensor"
     )
 
 
-def _slice(batch: Any, start: int, stop: int) -> Any:
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
     """Tensors cut along dim 0; tuples, lists and dicts rebuilt around their cut items; other values kept."""
     if isinstance(batch, torch.Tensor):
         return batch[start:stop]
     if isinstance(batch, Mapping):
-        return type(batch)({key: _slice(value, start, stop) for key, value in batch.items()})  # type: ignore[call-arg]
+        return type(batch)({key: slice_batch(value, start, stop) for key, value in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, (list, tuple)):
-        items = [_slice(item, start, stop) for item in batch]
+        items = [slice_batch(item, start, stop) for item in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch

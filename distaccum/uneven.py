@@ -27,46 +27,16 @@ Example:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Iterator
+from typing import TypeVar
 
 from distaccum import collectives
-
-if TYPE_CHECKING:
-    from distaccum.accumulator import Accumulator
 
 T = TypeVar("T")
 
 
-def iterate(acc: Accumulator, micro_batches: Iterable[T], *, drop_last: bool) -> Iterator[T]:
-    """The generator behind :meth:`distaccum.Accumulator.iterate` (see the module docstring)."""
-    if acc.check_ranks and not acc._agreed:
-        acc._check_agreement()  # before the first count all-reduce: a plan mismatch names itself
-    source = iter(micro_batches)
-    while True:
-        need = acc.plan.accum_steps - acc.micro_step_in_window
-        window = list(itertools.islice(source, need))
-        common = int(collectives.min_over_ranks(len(window)))
-        acc.dropped_micro_batches += len(window) - common
-        if common < need and (drop_last or common == 0):
-            if drop_last:
-                acc.dropped_micro_batches += common
-                acc._discard_window()
-            elif acc.micro_step_in_window:  # resumed mid-window and the data ends right there
-                acc.flush()
-            return
-        for index, batch in enumerate(window[:common]):
-            expected = acc._micro_steps_run + 1
-            acc._end_of_data = common < need and index == common - 1
-            try:
-                yield batch
-            except GeneratorExit:  # the loop was left early: the flag must not end some later window
-                acc._end_of_data = False
-                raise
-            if acc._micro_steps_run != expected or acc._in_micro_step:
-                raise RuntimeError(
-                    "acc.iterate() yields one micro-batch per acc.micro_step(): run each one inside "
-                    f"`with acc.micro_step():` (this one ran {acc._micro_steps_run - expected + 1})"
-                )
-        if common < need:
-            return
+def take_window(source: Iterator[T], need: int) -> tuple[list[T], int]:
+    """The next ``need`` micro-batches of this rank's ``source`` (fewer where it ends), and how many every rank has:
+    the smallest count over ranks (one scalar all-reduce, made by every rank at every window's start)."""
+    window = list(itertools.islice(source, need))
+    return window, int(collectives.min_over_ranks(len(window)))

@@ -39,7 +39,7 @@ How the Accumulator drives the engine (ZeRO stages 0 to 3; fp32, or fp16/bf16 at
     (:func:`unsupported`), and by ``initialize()`` before the engine is.
 * **Clipping.** DeepSpeed 0.19 clips at 1.0 when the config does not say otherwise. ``initialize()`` writes
   ``gradient_clipping: 0.0`` when the field is missing; the config is where DeepSpeed clips, and the
-  accumulator's ``max_grad_norm`` must agree with it (None for 0.0), checked at the first step.
+  accumulator's ``max_grad_norm`` must agree with it (None for 0.0), checked when the accumulator is built.
 * **End of data mid-window** (``acc.flush()``): at ZeRO 0 to 2 every rank runs one boundary backward of a zero
   loss that touches every parameter, which sends the accumulated gradients through DeepSpeed's normal boundary
   reduction unchanged. ZeRO 3 reduce-scattered every backward already: its optimizer only finalizes the boundary.
@@ -105,7 +105,6 @@ class DeepSpeedBackend(Backend):
         engine: Any = model
         self._in_no_sync = False
         self._factor = 1.0
-        self._clipping_checked = False
         self._check_engine()
         self.stage = int(engine.zero_optimization_stage())  # the engine's ZeRO stage
 
@@ -125,6 +124,7 @@ class DeepSpeedBackend(Backend):
                 "grad_scaler is set, but deepspeed scales fp16 losses by itself: scaling twice corrupts gradients. "
                 "Remove grad_scaler and configure fp16 in the engine's config."
             )
+        self.check_clipping(options.max_grad_norm)
 
     def float32_sums_refusal(self) -> tuple[str, str] | None:
         return (
@@ -270,9 +270,6 @@ class DeepSpeedBackend(Backend):
         The engine clips (its config's ``gradient_clipping``), unscales fp16 gradients and steps its optimizer
         and LR scheduler; ``optimizer`` and ``params`` are the engine's own.
         """
-        if not self._clipping_checked:
-            self.check_clipping(options.max_grad_norm)
-            self._clipping_checked = True
         fused = self.stage == 0 and not window.norm  # the factor rides on the NaN/inf check's pass below
         if not window.skip and not fused:
             self.scale_grads(params, window.factor)

@@ -1,7 +1,8 @@
 """The package's shape: imports point one way (tools -> accumulator/checkpoint -> backends/weighting/collectives ->
-plan/dist), no circle, no function past a complexity that compression cannot
-meet (radon's cyclomatic complexity, which counts boolean operators) or taking more positional arguments than a
-reader can match up, tools never loaded by the core.
+plan/dist), no circle (not even one hidden behind ``TYPE_CHECKING``), no module reading the private attributes of
+another module's objects, no function past a complexity that compression cannot meet (radon's cyclomatic complexity,
+which counts boolean operators) or taking more positional arguments than a reader can match up, tools never loaded
+by the core.
 
 ``python tests/unit/test_layout.py`` prints each module's size and its most complex function (reported, not gated).
 """
@@ -12,6 +13,8 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import distaccum
 
@@ -34,7 +37,7 @@ LAYERS = (
         "distaccum.integrations",
         "distaccum.guards",
     ),
-    ("distaccum.micro_step", "distaccum.checkpoint_trust"),
+    ("distaccum.micro_step", "distaccum.window", "distaccum.checkpoint_trust"),
     (
         "distaccum.checkpoint_files",
         "distaccum.checkpoint_engine",
@@ -46,7 +49,6 @@ LAYERS = (
         "distaccum.resize",
         "distaccum.precision",
         "distaccum.reduction",
-        "distaccum.state",
         "distaccum.accumulator",
         "distaccum",
     ),
@@ -71,11 +73,11 @@ def layer(module: str) -> int:
     return max(matches)[1]
 
 
-def runtime_imports(path: Path, modules: set[str]) -> set[str]:
-    """distaccum modules that ``path`` imports at run time (``if TYPE_CHECKING:`` blocks excluded)."""
+def runtime_imports(path: Path, modules: set[str], *, type_checking: bool = False) -> set[str]:
+    """distaccum modules that ``path`` imports at run time (and with ``type_checking``, in ``if TYPE_CHECKING:``)."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) and not type_checking:
             node.body = []
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -88,10 +90,13 @@ def runtime_imports(path: Path, modules: set[str]) -> set[str]:
     return {name for name in found if name in modules}
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(*, type_checking: bool = False) -> dict[str, set[str]]:
     paths = sorted(PACKAGE.rglob("*.py"))
     modules = {module_name(path) for path in paths}
-    return {module_name(path): runtime_imports(path, modules) - {module_name(path)} for path in paths}
+    return {
+        module_name(path): runtime_imports(path, modules, type_checking=type_checking) - {module_name(path)}
+        for path in paths
+    }
 
 
 def test_imports_point_down_the_layers():
@@ -104,8 +109,10 @@ def test_imports_point_down_the_layers():
     assert not upward, f"imports against the layering: {upward}"
 
 
-def test_no_import_circle():
-    graph = import_graph()
+@pytest.mark.parametrize("type_checking", [False, True], ids=["run-time", "with-type-checking"])
+def test_no_import_circle(type_checking: bool):
+    # A circle hidden behind TYPE_CHECKING is still two modules that know each other's insides.
+    graph = import_graph(type_checking=type_checking)
     state: dict[str, str] = {}
 
     def visit(module: str, trail: list[str]) -> None:
@@ -177,6 +184,42 @@ def test_no_function_takes_more_positional_arguments_than_the_gate():
     ]
     rule = f"more than {MAX_POSITIONAL} positional parameters (make the rest keyword-only)"
     assert not over, f"functions with {rule}: {over}"
+
+
+def private_reads(paths: list[Path], root: Path = PACKAGE) -> list[str]:
+    """``obj._name`` in one module where ``_name`` is a private attribute or method only other modules of ``paths``
+    define (on ``self``): a module reading another's objects' insides. torch's own privates are not ours to judge."""
+    defined: dict[str, set[Path]] = {}
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = None
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                name = node.name
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                owner = node.value
+                name = node.attr if isinstance(owner, ast.Name) and owner.id == "self" else None
+            if name and name.startswith("_") and not name.startswith("__"):
+                defined.setdefault(name, set()).add(path)
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute) or node.attr not in defined or path in defined[node.attr]:
+                continue
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_reads_the_private_attributes_of_another_modules_objects():
+    found = private_reads(library_files())
+    assert not found, f"private attributes read from another module (give the owner a method for it): {found}"
+
+
+def test_the_private_read_check_sees_a_planted_one(tmp_path: Path):
+    (tmp_path / "owner.py").write_text("class Owner:\n    def __init__(self):\n        self._state = 1\n")
+    (tmp_path / "reader.py").write_text("def read(owner):\n    return owner._state\n")
+    found = private_reads([tmp_path / "owner.py", tmp_path / "reader.py"], root=tmp_path)
+    assert found == ["reader.py:2 owner._state"]
 
 
 def test_the_gates_see_a_planted_complex_function(tmp_path: Path):
