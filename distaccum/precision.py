@@ -77,8 +77,11 @@ def warn_if_low(params: Params, accum_steps: int, wrapper_dtype: torch.dtype | N
 
 
 def check_accumulate_dtype(accumulate_dtype: object) -> None:
-    """Raises:
-    ValueError: ``accumulate_dtype`` is not ``"auto"``, ``torch.float32`` or None."""
+    """Refuse an ``accumulate_dtype`` other than ``"auto"``, ``torch.float32`` or None.
+
+    Raises:
+        ValueError: it is another value.
+    """
     if not (accumulate_dtype is None or accumulate_dtype == "auto" or accumulate_dtype == torch.float32):
         raise ValueError(
             f"accumulate_dtype must be torch.float32 (sum bf16/fp16 gradients in float32), None (in their own "
@@ -146,9 +149,13 @@ class Fp32Sums:
         self._hooks: dict[torch.Tensor, RemovableHandle] = {}
         weakref.finalize(self, _remove, self._hooks)  # the hooks hold no reference to the sums
 
+    def clear(self) -> None:
+        """Drop the window's sums (it will not step)."""
+        self.sums.clear()
+
     def begin_window(self) -> None:
         """The window's first micro-step: its gradient stays in ``param.grad`` (a window of one is untouched)."""
-        self.sums.clear()  # left by a window that did not step
+        self.clear()  # left by a window that did not step
         self.collecting = False
         self._absorb_due = True
 

@@ -117,9 +117,11 @@ class ByHand(InBackward):
         into ``param.grad``: one reduction, one rounding. ``before_reduction``: this rank's own factor, applied before
         the reduction (``auto_micro_batch``'s first window with items). Returns the factor the step still has to apply:
         1.0, or ``factor`` when the window is skipped (its sums are dropped)."""
-        sums = {} if self.sums is None else self.sums.take()
-        if skip:
+        if skip:  # nothing to reduce: the sums are dropped without folding the last gradients in first
+            if self.sums is not None:
+                self.sums.clear()
             return factor
+        sums = {} if self.sums is None else self.sums.take()
         collective = self.backend.hand_reduction_is_collective
         if not collective and not sums and factor * before_reduction == 1.0:
             return 1.0  # one micro-step, one process: its gradient is already the step's, in the parameters' dtype
@@ -146,12 +148,12 @@ class ByHand(InBackward):
 
     def discard_grads(self, optimizer: torch.optim.Optimizer) -> None:
         if self.sums is not None:
-            self.sums.sums.clear()
+            self.sums.clear()
         self.backend.discard_grads(optimizer)
 
     def drop_unreduced(self, optimizer: torch.optim.Optimizer) -> None:
         if self.sums is not None:
-            self.sums.sums.clear()
+            self.sums.clear()
         optimizer.zero_grad(set_to_none=True)
 
     def window_grads(self, params: Params, where: str) -> list[torch.Tensor | None]:

@@ -75,8 +75,11 @@ def check_model(model: nn.Module, backend: Backend, batch_norm: str = "exact") -
 
 
 def check_share(size: int, plan: BatchPlan) -> None:
-    """Raises:
-    ValueError: a loader batch of ``size`` samples is not this rank's share of ``plan``'s global batch."""
+    """Refuse a loader batch of ``size`` samples that is not this rank's share of ``plan``'s global batch.
+
+    Raises:
+        ValueError: it is not.
+    """
     share = plan.global_batch_size // plan.world_size
     if size != share:
         raise ValueError(
