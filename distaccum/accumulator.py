@@ -19,14 +19,14 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
-from distaccum import backends, collectives, guards, integrations, precision, reduction, resize, uneven
-from distaccum.backends import StepOptions, params_of
-from distaccum.backends.base import StepWindow, grads_of
-from distaccum.batchnorm import BatchNormMode, BatchNormWindow
+from distaccum import backends, collectives, guards, precision, resize, uneven
+from distaccum.backends import params_of
+from distaccum.backends.base import EarlyCheck, StepWindow, grads_of
+from distaccum.batchnorm import BatchNormMode
 from distaccum.micro_step import MicroStep
-from distaccum.noise import NoiseScale
+from distaccum.options import Options, configure
 from distaccum.plan import BatchPlan
-from distaccum.schedule import BatchSchedule, PlanTracker
+from distaccum.schedule import BatchSchedule
 from distaccum.weighting import StepResult, WindowClose, WindowLedger
 from distaccum.window import MicroSteps
 
@@ -97,36 +97,34 @@ class Accumulator:
         accumulate_dtype: precision.AccumulateDtype = "auto",
         grad_sync: backends.GradSync | None = None,
     ) -> None:
-        self._plans = PlanTracker(plan, auto_micro_batch=auto_micro_batch)
-        plan = self._plans.plan  # a schedule's first stage
-        plan.check_world_size()
-        optimizer, scheduler, grad_scaler = integrations.adapt(optimizer, scheduler, grad_scaler)
-        guards.check_scheduler(scheduler)
-        self._options = StepOptions(max_grad_norm=max_grad_norm, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite)
-        self._norm = max_grad_norm is not None or bool(report_grad_norm) or noise_scale is not None
-        self.model = model
-        self.optimizer = optimizer
-        self.schedule = self._plans.schedule
-        self.scheduler = scheduler
-        self.grad_scaler = grad_scaler
-        self.check_ranks = check_ranks
-        self._backend = backends.select(model, plan.world_size, grad_sync)
-        self._backend.check_options(self._options)
-        guards.check_optimizer_over_model(model, optimizer, self._backend)
-        most = self._plans.largest_accum_steps
-        self._reduction = reduction.choose(
-            self._backend,
-            optimizer,
-            accumulate_dtype=accumulate_dtype,
-            largest_accum_steps=most,
+        options = Options(
+            scheduler=scheduler,
+            max_grad_norm=max_grad_norm,
+            grad_scaler=grad_scaler,
+            on_nonfinite=on_nonfinite,
+            check_ranks=check_ranks,
+            batch_norm=batch_norm,
             auto_micro_batch=auto_micro_batch,
+            noise_scale=noise_scale,
+            report_grad_norm=report_grad_norm,
+            accumulate_dtype=accumulate_dtype,
+            grad_sync=grad_sync,
         )
-        bn = BatchNormWindow.attach(model, batch_norm, most)
-        noise = NoiseScale.checked(noise_scale, self.backend, self.grads_in_params)
-        self._window = WindowLedger(plan.accum_steps, bn, deferred=auto_micro_batch, noise=noise)
+        setup = configure(model, optimizer, plan, options)  # every refusal, before anything is set
+        self._plans = setup.plans
+        self._options = setup.step
+        self._norm = options.computes_norm
+        self._backend = setup.backend
+        self._reduction = setup.reduction
         self._auto = auto_micro_batch
-        if auto_micro_batch:
-            resize.check_model(model, self._backend, batch_norm)
+        self.model = model
+        self.optimizer = setup.optimizer
+        self.schedule = self._plans.schedule
+        self.scheduler = setup.scheduler
+        self.grad_scaler = setup.grad_scaler
+        self.check_ranks = check_ranks
+        accum_steps = self._plans.plan.accum_steps
+        self._window = WindowLedger(accum_steps, setup.batch_norm, deferred=auto_micro_batch, noise=setup.noise)
         self.micro_batch_retries = 0
         """Windows started again with a smaller micro-batch after some rank ran out of memory."""
         self.last_step: StepResult | None = None
@@ -141,19 +139,10 @@ class Accumulator:
         self._agreed = False
         self._broken: str | None = None
         self._guards = guards.LoopGuards(
-            optimizer,
-            scheduler,
+            self.optimizer,
+            self.scheduler,
             window_open=lambda: self._steps.inside or self._window.position > 0,
-            options={  # what every rank must have alike, checked with the plan
-                "max_grad_norm": max_grad_norm,
-                "on_nonfinite": on_nonfinite,
-                "grad_sync": self._backend.grad_sync,
-                "accumulate_dtype": accumulate_dtype,
-                "report_grad_norm": report_grad_norm,
-                "noise_scale": noise_scale,
-                "batch_norm": batch_norm,
-                "grad_scaler": None if grad_scaler is None else grad_scaler.is_enabled(),
-            },
+            options=setup.agreed,
         )
 
     def micro_step(self, *, last: bool = False) -> MicroStep[Accumulator]:
@@ -290,13 +279,12 @@ class Accumulator:
         # Gradients reduced already (in the boundary backward): a NaN/inf flag known now, or the global norm (which
         # decides it then), rides on the all-reduce below: one decision, one host read.
         reduced = self._reduction.in_backward
-        early = self._backend.early_nonfinite(params) if reduced and not self._norm else None
-        norm = self._backend.early_norm(params, self._options) if reduced and self._norm else None
-        stats = self._window.local_stats(0.0 if early is None else early)
-        totals = collectives.sum_checking_step(stats.values(), self.optimizer_steps, shared=norm)
-        shared = totals.pop() if norm is not None else None
+        early = self._backend.early_check(params, self._options, norm=self._norm) if reduced else EarlyCheck()
+        stats = self._window.local_stats(0.0 if early.nonfinite is None else early.nonfinite)
+        totals = collectives.sum_checking_step(stats.values(), self.optimizer_steps, shared=early.norm)
+        shared = totals.pop() if early.norm is not None else None
         window = self._window.close(stats.from_values(totals), self._backend.averaging_ranks)
-        return window, None if early is None else window.nonfinite, shared
+        return window, None if early.nonfinite is None else window.nonfinite, shared
 
     def _step_window(self, window: WindowClose, nonfinite: bool | None, norm: float | None) -> None:
         """The closed window's optimizer step (skipped where the close says so), then the counters."""
@@ -541,7 +529,7 @@ class Accumulator:
         grads, batch_norm = state.get("grads"), state.get("window_batch_norm")
         params = params_of(self.optimizer)
         if grads is not None:
-            self._backend.check_window_grads(params, grads)
+            self._reduction.check_window_grads(params, grads)
         statistics = False  # the open window's BatchNorm statistics restored
         if window.batch_norm is not None and grads is not None:
             if batch_norm is None:

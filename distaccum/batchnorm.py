@@ -55,8 +55,7 @@ class BatchNormWindow:
         Raises:
             ValueError: an unknown ``mode``.
         """
-        if mode not in ("warn", "exact", "per_micro_batch"):
-            raise ValueError(f"batch_norm must be 'warn', 'exact' or 'per_micro_batch', got {mode!r}")
+        check_mode(mode)
         layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
         # An Accumulator built again on the same model replaces the previous one's tracker, whatever the mode:
         # stale hooks would keep swapping the buffers for copies that nothing applies.
@@ -160,3 +159,13 @@ _HANDLES = "_distaccum_batch_norm_hooks"
 
 def _buffers(layer: _BatchNorm) -> list[torch.Tensor]:
     return [getattr(layer, name) for name in _BUFFERS]
+
+
+def check_mode(mode: BatchNormMode) -> None:
+    """``Accumulator(batch_norm=mode)``'s value.
+
+    Raises:
+        ValueError: not ``"warn"``, ``"exact"`` or ``"per_micro_batch"``.
+    """
+    if mode not in ("warn", "exact", "per_micro_batch"):
+        raise ValueError(f"batch_norm must be 'warn', 'exact' or 'per_micro_batch', got {mode!r}")

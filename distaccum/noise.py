@@ -37,9 +37,7 @@ class NoiseScale:
     """
 
     def __init__(self, decay: float) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"noise_scale must be an EMA decay in [0, 1), got {decay!r}; e.g. noise_scale=0.95")
-        self.decay = float(decay)
+        self.decay = float(self.check_decay(decay))  # type: ignore[arg-type]
         self._trace = 0.0  # EMA of tr(Sigma), bias-corrected through _weight (as Adam's moments)
         self._grad_sq = 0.0
         self._weight = 0.0
@@ -62,12 +60,26 @@ class NoiseScale:
         Raises:
             ValueError: the backend keeps the window's gradients out of ``param.grad``, or a bad ``decay``.
         """
+        decay = cls.check_decay(decay)
         if decay is not None and not grads_in_params:
             raise ValueError(
                 f"noise_scale={decay} reads a micro-batch's gradient in param.grad, where {backend} does not keep "
                 "it during the window; measure the noise scale with DDP (or one process) and pass noise_scale=None"
             )
         return None if decay is None else cls(decay)
+
+    @staticmethod
+    def check_decay(decay: float | None) -> float | None:
+        """``Accumulator(noise_scale=decay)``'s value: None, or an EMA decay in [0, 1).
+
+        Raises:
+            ValueError: anything else.
+        """
+        if decay is None:
+            return None
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"noise_scale must be an EMA decay in [0, 1), got {decay!r}; e.g. noise_scale=0.95")
+        return float(decay)
 
     def local_stats_reset(self) -> None:
         """Forget this window's small-batch reading (the window closed, or runs again)."""

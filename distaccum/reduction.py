@@ -46,7 +46,6 @@ class InBackward:
         """The context of a micro-step's forward and backward: without sync inside the window, reducing at its end."""
         if not boundary:
             return self.backend.window_sync()
-        self.backend.before_sync()
         return self.backend.boundary_sync()
 
     def backward(self, loss: torch.Tensor, weight: float, *, first: bool) -> None:
@@ -70,12 +69,43 @@ class InBackward:
         optimizer.zero_grad(set_to_none=True)
 
     def window_grads(self, params: Params, where: str) -> list[torch.Tensor | None]:
-        """Copies of this rank's gradients accumulated so far in the open window (:meth:`Backend.window_grads`)."""
-        return self.backend.window_grads(params, where)
+        """Copies of this rank's gradients accumulated so far in the open window (its own, unreduced).
+
+        Raises:
+            ValueError: this wrapper accumulates in private buffers (:attr:`Backend.grads_in_params` is False).
+        """
+        if not self.backend.grads_in_params:
+            raise ValueError(
+                f"include_grads=True at {where}: {self.backend.name} keeps the gradients accumulated without sync in "
+                "private buffers that cannot be saved and restored. Checkpoint at a window boundary (right after a "
+                "step, when acc.micro_step_in_window == 0)."
+            )
+        return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+    def check_window_grads(self, params: Params, grads: list[torch.Tensor | None]) -> None:
+        """Refuse :meth:`window_grads` that this wrapper cannot take back or that do not fit ``params``.
+
+        Raises:
+            ValueError: this wrapper keeps them in private buffers, or they do not fit ``params``.
+        """
+        if not self.backend.grads_in_params:
+            raise ValueError(
+                f"the state holds mid-window gradients but this model's backend is {self.backend.name}, which keeps "
+                "them in private buffers; resume it with a plain or DDP model, or from a boundary checkpoint"
+            )
+        shapes = [tuple(p.shape) for p in params]
+        saved = [None if g is None else tuple(g.shape) for g in grads]
+        if len(saved) != len(shapes) or any(s not in (None, want) for s, want in zip(saved, shapes, strict=True)):
+            raise ValueError(
+                f"the state's saved gradients ({len(saved)} tensors) do not fit this optimizer's {len(shapes)} "
+                "parameters; load it into the same model and optimizer that saved it"
+            )
 
     def restore_window_grads(self, params: Params, grads: list[torch.Tensor | None]) -> None:
-        """Put :meth:`window_grads` back."""
-        self.backend.restore_window_grads(params, grads)
+        """Put :meth:`window_grads` back into ``param.grad``, after :meth:`check_window_grads`."""
+        self.check_window_grads(params, grads)
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = None if grad is None else grad.detach().to(param.device, param.dtype).clone()
 
 
 class ByHand(InBackward):
@@ -157,11 +187,11 @@ class ByHand(InBackward):
         optimizer.zero_grad(set_to_none=True)
 
     def window_grads(self, params: Params, where: str) -> list[torch.Tensor | None]:
-        grads = self.backend.window_grads(params, where)
+        grads = super().window_grads(params, where)
         return grads if self.sums is None else self.sums.with_sums(params, grads)
 
     def restore_window_grads(self, params: Params, grads: list[torch.Tensor | None]) -> None:
-        self.backend.restore_window_grads(params, grads)
+        super().restore_window_grads(params, grads)
         if self.sums is not None:
             self.sums.restore(params, grads)
 

@@ -1,7 +1,7 @@
 """The backend interface, and its plain implementation: one process, a bare module, the torch optimizer step.
 
 A backend answers the few questions the accumulator asks of a model wrapper (Lightning Fabric's
-``_BackwardSyncControl`` is the model): how to skip the gradient reduction inside a window (:meth:`no_sync`),
+``_BackwardSyncControl`` is the model): how to skip the gradient reduction inside a window (:meth:`window_sync`),
 how to run a backward, how to scale, measure and clip the reduced gradient, how to reduce what was accumulated
 when the data ends mid-window, and how to take the optimizer step. Plain, DDP and FSDP models share the torch
 optimizer step of :meth:`Backend.step`; DeepSpeed, whose engine steps by itself, overrides it.
@@ -22,7 +22,7 @@ from distaccum.backends.sync import GradSync
 from distaccum.backends.tensors import SeededBackward, by_kind, grads_of, nonfinite_flag, read_is_a_sync
 
 Params = list[torch.Tensor]
-_NOTHING = contextlib.nullcontext()  # reusable: entered on every micro-step of a plain model
+_NOTHING = contextlib.nullcontext()  # reusable: entered on every micro-step of a window without a switch (FSDP)
 
 
 def params_of(optimizer: torch.optim.Optimizer) -> Params:
@@ -115,31 +115,26 @@ class Backend:
         return False
 
     def window_sync(self) -> contextlib.AbstractContextManager[None] | None:
-        """Context of a micro-step inside the window (not its boundary) under :attr:`grad_sync` (None: nothing)."""
-        return None if (context := self.no_sync()) is _NOTHING else context
-
-    def boundary_sync(self) -> contextlib.AbstractContextManager[None] | None:
-        """Context of the boundary micro-step, whose backward reduces (None: nothing to set)."""
+        """Context of a micro-step inside the window (not its boundary) under :attr:`grad_sync`, in which backward
+        accumulates gradients locally without reducing them (None: nothing to set)."""
         return None
 
-    def no_sync(self) -> contextlib.AbstractContextManager[None]:
-        """Context in which backward accumulates gradients locally without reducing them."""
-        return _NOTHING
-
-    def before_sync(self) -> None:
-        """Called before each micro-step whose backward reduces the gradients (the boundary)."""
+    def boundary_sync(self) -> contextlib.AbstractContextManager[None] | None:
+        """Context of the boundary micro-step, whose backward reduces, and what the wrapper does before such a
+        backward (None: nothing to set)."""
+        return None
 
     def backward(self, loss: torch.Tensor, weight: float) -> None:
         """Backward of ``weight * loss`` (the window's weight as the seed: :mod:`distaccum.backends.tensors`)."""
         self._seeded(loss, weight)
 
-    def scale_grads(self, params: Params, factor: float) -> None:
+    def _scale_grads(self, params: Params, factor: float) -> None:
         """Multiply every gradient by ``factor`` in place (already reduced gradients)."""
         grads = grads_of(params)
         if grads:
             torch._foreach_mul_(grads, factor)
 
-    def grad_norm(self, params: Params) -> torch.Tensor:
+    def _grad_norm(self, params: Params) -> torch.Tensor:
         """Global 2-norm of the gradients as they are (the caller folds clipping into one multiply)."""
         grads = grads_of(params)
         if not grads:
@@ -148,27 +143,29 @@ class Backend:
         full = getattr(total, "full_tensor", None)  # DTensor (FSDP2): partial norms over shards
         return full() if full is not None else total
 
-    def early_nonfinite(self, params: Params) -> float | torch.Tensor | None:
-        """Whether the reduced gradient holds a NaN/inf (nonzero) or not, known before the boundary's all-reduce,
-        which then makes it one decision for every rank; None: checked later, at the step, in the multiply that
-        applies the window factor (gradients every rank holds whole, :attr:`replicated`, on the CPU).
+    def early_check(self, params: Params, options: StepOptions, *, norm: bool) -> EarlyCheck:
+        """What the boundary's all-reduce of the window's scalars can carry about the reduced gradient, so that the
+        step decides on it with one host read (:meth:`decide_nonfinite`).
 
-        Ranks holding different parts read theirs here (a flag on their device, read with the all-reduce), and so do
-        whole gradients on an accelerator, where the step's read of a fused flag would be a second host sync."""
-        if self.engine_steps or (self.replicated and not _on_accelerator(params)):  # whole: a CPU read is free
-            return None
+        With ``norm`` (clipping, ``report_grad_norm``, the noise scale): the global norm left on the device; not on
+        the CPU, where reading it at the step costs nothing and joining it to the scalars cost 33 us per step on one
+        process, nor after an fp16 GradScaler unscales, nor where the engine steps. Without: a NaN/inf flag (nonzero)
+        where ranks hold different parts (each reads its own, on its device), and for whole gradients on an
+        accelerator, where the step's read of a fused flag would be a second host sync; on the CPU the step checks
+        them in the multiply that applies the window factor."""
+        if self.engine_steps or (not norm and self.replicated and not _on_accelerator(params)):
+            return EarlyCheck()
+        if not norm:
+            return EarlyCheck(nonfinite=self._nonfinite_flag(params))
+        if enabled_scaler(options.grad_scaler) is not None or not _on_accelerator(params):
+            return EarlyCheck()
+        return EarlyCheck(norm=self._grad_norm(params))
+
+    def _nonfinite_flag(self, params: Params) -> float | torch.Tensor:
+        """This rank's NaN/inf flag of its part of the reduced gradient (nonzero: found)."""
         return nonfinite_flag(grads_of(params))
 
-    def early_norm(self, params: Params, options: StepOptions) -> torch.Tensor | None:
-        """The global gradient norm, left on the device to be read with the boundary's scalars (one host read);
-        None: computed at the step (after an fp16 GradScaler unscales, or by the engine itself), and on the CPU,
-        where reading it at the step costs nothing and joining it to the scalars cost 33 us per step on one process."""
-        scaler = options.grad_scaler
-        if self.engine_steps or (scaler is not None and scaler.is_enabled()) or not _on_accelerator(params):
-            return None
-        return self.grad_norm(params)
-
-    def check_and_scale(self, params: Params, factor: float) -> bool:
+    def _check_and_scale(self, params: Params, factor: float) -> bool:
         """Multiply the (replicated) reduced gradients by ``factor`` and say whether any was NaN/inf, in one fused
         pass per device and dtype (GradScaler's kernel), so the non-finite check costs no pass of its own."""
         found_any = False
@@ -203,50 +200,11 @@ class Backend:
         return False
 
     def reduce_pending(self, params: Params) -> None:
-        """Average gradients that were accumulated under :meth:`no_sync` (end of data mid-window)."""
+        """Average gradients that were accumulated under :meth:`window_sync` (end of data mid-window)."""
 
     def discard_grads(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the reduced gradients of a window that will not step."""
         optimizer.zero_grad(set_to_none=True)
-
-    def window_grads(self, params: Params, where: str) -> list[torch.Tensor | None]:
-        """Copies of the gradients accumulated so far in an open window (this rank's own, unreduced).
-
-        Raises:
-            ValueError: this wrapper accumulates in private buffers (:attr:`grads_in_params` is False).
-        """
-        if not self.grads_in_params:
-            raise ValueError(
-                f"include_grads=True at {where}: {self.name} keeps the gradients accumulated without sync in "
-                "private buffers that cannot be saved and restored. Checkpoint at a window boundary (right after a "
-                "step, when acc.micro_step_in_window == 0)."
-            )
-        return [None if p.grad is None else p.grad.detach().clone() for p in params]
-
-    def check_window_grads(self, params: Params, grads: list[torch.Tensor | None]) -> None:
-        """Refuse :meth:`window_grads` that this wrapper cannot take back or that do not fit ``params``.
-
-        Raises:
-            ValueError: this wrapper keeps them in private buffers, or they do not fit ``params``.
-        """
-        if not self.grads_in_params:
-            raise ValueError(
-                f"the state holds mid-window gradients but this model's backend is {self.name}, which keeps "
-                "them in private buffers; resume it with a plain or DDP model, or from a boundary checkpoint"
-            )
-        shapes = [tuple(p.shape) for p in params]
-        saved = [None if g is None else tuple(g.shape) for g in grads]
-        if len(saved) != len(shapes) or any(s not in (None, want) for s, want in zip(saved, shapes, strict=True)):
-            raise ValueError(
-                f"the state's saved gradients ({len(saved)} tensors) do not fit this optimizer's {len(shapes)} "
-                "parameters; load it into the same model and optimizer that saved it"
-            )
-
-    def restore_window_grads(self, params: Params, grads: list[torch.Tensor | None]) -> None:
-        """Put :meth:`window_grads` back into ``param.grad``, after :meth:`check_window_grads`."""
-        self.check_window_grads(params, grads)
-        for param, grad in zip(params, grads, strict=True):
-            param.grad = None if grad is None else grad.detach().to(param.device, param.dtype).clone()
 
     def step(
         self,
@@ -281,7 +239,7 @@ class Backend:
             self._drop_nonfinite(optimizer, options, window, verdict.norm)
             return verdict.norm, True  # the norm is None unless it was asked for
         if verdict.multiplier != 1.0:
-            self.scale_grads(params, verdict.multiplier)
+            self._scale_grads(params, verdict.multiplier)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -299,7 +257,7 @@ class Backend:
         or else a fused pass that checks while it applies the window's factor (GradScaler's kernel)."""
         if window.norm:
             # The norm is global (every backend reduces it over shards), so the decision is the same on every rank.
-            measured = float(self.grad_norm(params)) if window.norm_value is None else window.norm_value
+            measured = float(self._grad_norm(params)) if window.norm_value is None else window.norm_value
             norm = measured * window.factor
             found = not math.isfinite(norm)
             multiplier = window.factor
@@ -312,7 +270,7 @@ class Backend:
         if scaler is not None and self.replicated:  # unscale_ checked the gradient, which every rank shares
             found = any(bool(flag.item()) for flag in _found_inf(scaler, optimizer).values())
             return Verdict(found, window.factor)
-        return Verdict(self.check_and_scale(params, window.factor), 1.0)
+        return Verdict(self._check_and_scale(params, window.factor), 1.0)
 
     def _drop_nonfinite(
         self, optimizer: torch.optim.Optimizer, options: StepOptions, window: StepWindow, norm: float | None
@@ -325,11 +283,17 @@ class Backend:
             _record_overflow(scaler, optimizer)
             scaler.update()
         elif options.on_nonfinite == "raise":
-            raise FloatingPointError(
-                f"non-finite gradient {'' if norm is None else f'norm {norm} '}at optimizer step "
-                f"{window.number}; the step was not taken. Use on_nonfinite='skip' to skip such steps on all "
-                "ranks instead."
-            )
+            raise nonfinite_error(norm, window.number)
+
+
+@dataclass(frozen=True)
+class EarlyCheck:
+    """What rides on the boundary's all-reduce about the reduced gradient (:meth:`Backend.early_check`)."""
+
+    nonfinite: float | torch.Tensor | None = None
+    """This rank's NaN/inf flag of its part (nonzero: found; None: decided at the step)."""
+    norm: torch.Tensor | None = None
+    """The global gradient norm on the device, read with the window's scalars (None: computed at the step)."""
 
 
 @dataclass(frozen=True)
@@ -342,6 +306,14 @@ class Verdict:
     """What the gradients are still to be multiplied by (the window factor, the clip coefficient; 1.0: done)."""
     norm: float | None = None
     """The global gradient norm before clipping, where computed."""
+
+
+def nonfinite_error(norm: float | None, number: int) -> FloatingPointError:
+    """What ``on_nonfinite="raise"`` raises for step ``number`` (``norm``: the global norm, where computed)."""
+    return FloatingPointError(
+        f"non-finite gradient {'' if norm is None else f'norm {norm} '}at optimizer step {number}; the step was not "
+        "taken. Use on_nonfinite='skip' to skip such steps on all ranks instead."
+    )
 
 
 def enabled_scaler(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:

@@ -22,7 +22,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from distaccum import collectives
-from distaccum.backends.base import Backend, GradSync, Params, StepOptions, StepWindow, grads_of
+from distaccum.backends.base import Backend, EarlyCheck, GradSync, Params, StepOptions, StepWindow, grads_of
 
 
 class DDPBackend(Backend):
@@ -49,7 +49,12 @@ class DDPBackend(Backend):
         self._forwards_at_sync = 0
         self._buckets_rebuilt = False
 
-    def before_sync(self) -> None:
+    def boundary_sync(self) -> contextlib.AbstractContextManager[None] | None:
+        self._prepare_sync()
+        return None
+
+    def _prepare_sync(self) -> None:
+        """Before each backward that reduces: count its forward (:meth:`join_reduction`), attach the checking hook."""
         self._forwards_at_sync = self._forwards.value
         # At the first boundary, not at construction: a script that registers its own comm hook after building the
         # Accumulator (DDP takes only one) keeps it, and its reductions are then checked at the step instead.
@@ -114,13 +119,13 @@ class DDPBackend(Backend):
 
     def window_sync(self) -> contextlib.AbstractContextManager[None]:
         if self.grad_sync != "every":
-            return self.no_sync()
+            return self._no_sync()
         # "every": DDP reduces in each backward (through the checking hook from the first one); each reduction
         # averages (reduced so far + this rank's new), which is the reduced sum so far + the new average.
-        self.before_sync()
+        self._prepare_sync()
         return contextlib.nullcontext()
 
-    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+    def _no_sync(self) -> contextlib.AbstractContextManager[None]:
         if not self._graph_recorded:
             # DDP(static_graph=True) records its graph in the first backward, which fails under no_sync (torch issue
             # 143580). That one micro-step syncs instead, which stays exact: the boundary's average of an already
@@ -129,11 +134,11 @@ class DDPBackend(Backend):
             return contextlib.nullcontext()
         return self.model.no_sync()  # type: ignore[operator]
 
-    def early_nonfinite(self, params: Params) -> float | torch.Tensor | None:
+    def early_check(self, params: Params, options: StepOptions, *, norm: bool) -> EarlyCheck:
         hook = self.hook
-        if hook is not None and hook.checked:  # the boundary reduction checked it already, on every rank alike
-            return hook.take_flag()
-        return super().early_nonfinite(params)  # the user's own hook: on an accelerator, checked here all the same
+        if not norm and hook is not None and hook.checked:  # the boundary reduction checked it, on every rank alike
+            return EarlyCheck(nonfinite=hook.take_flag())
+        return super().early_check(params, options, norm=norm)  # the user's own hook: checked here all the same
 
     def step(
         self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, window: StepWindow

@@ -40,6 +40,11 @@ How the Accumulator drives the engine (ZeRO stages 0 to 3; fp32, or fp16/bf16 at
 * **Clipping.** DeepSpeed 0.19 clips at 1.0 when the config does not say otherwise. ``initialize()`` writes
   ``gradient_clipping: 0.0`` when the field is missing; the config is where DeepSpeed clips, and the
   accumulator's ``max_grad_norm`` must agree with it (None for 0.0), checked when the accumulator is built.
+* **NaN/inf.** At ZeRO 0 the step's decision is :meth:`~distaccum.backends.base.Backend.decide_nonfinite`'s, as on
+  every other wrapper; at ZeRO 1 to 3 the engine checks its own partitions inside ``engine.step()`` and skips by
+  itself (the same on every rank), and its verdict is read back (``was_step_applied``). Either way
+  ``on_nonfinite="raise"`` raises on every rank; an fp16 engine's overflow is skipped and backs off its loss scale,
+  as with a GradScaler.
 * **End of data mid-window** (``acc.flush()``): at ZeRO 0 to 2 every rank runs one boundary backward of a zero
   loss that touches every parameter, which sends the accumulated gradients through DeepSpeed's normal boundary
   reduction unchanged. ZeRO 3 reduce-scattered every backward already: its optimizer only finalizes the boundary.
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
@@ -56,7 +62,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from distaccum.backends.base import Backend, Params, StepOptions, StepWindow
+from distaccum.backends.base import Backend, Params, StepOptions, StepWindow, grads_of, nonfinite_error
 
 
 def unsupported(*, stage: int, fp16: bool, bf16: bool, fp32_grad_accum: bool, offload: bool) -> str | None:
@@ -104,7 +110,6 @@ class DeepSpeedBackend(Backend):
         self.engine: Any = model
         engine: Any = model
         self._in_no_sync = False
-        self._factor = 1.0
         self._check_engine()
         self.stage = int(engine.zero_optimization_stage())  # the engine's ZeRO stage
 
@@ -168,7 +173,7 @@ class DeepSpeedBackend(Backend):
         return int(self.engine.dp_world_size)
 
     @contextlib.contextmanager
-    def _no_sync(self) -> Iterator[None]:
+    def _marked_window(self) -> Iterator[None]:
         previous = self._in_no_sync
         self._in_no_sync = True
         try:
@@ -176,31 +181,14 @@ class DeepSpeedBackend(Backend):
         finally:
             self._in_no_sync = previous
 
-    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+    def window_sync(self) -> contextlib.AbstractContextManager[None]:
         # Only marks the window: backward() tells the engine, with set_gradient_accumulation_boundary().
-        return self._no_sync()
+        return self._marked_window()
 
     def backward(self, loss: torch.Tensor, weight: float) -> None:
         """``engine.backward`` of the window-weighted loss: DeepSpeed must not divide it again (nor be seeded)."""
         self.engine.set_gradient_accumulation_boundary(not self._in_no_sync)
         self.engine.backward(loss * weight if weight != 1.0 else loss, scale_wrt_gas=False)
-
-    def scale_grads(self, params: Params, factor: float) -> None:
-        """Multiply the window's reduced gradient by ``factor`` (applied in place, or inside the next step).
-
-        Raises:
-            ValueError: the engine keeps its gradients in a wrapper this integration cannot scale exactly.
-        """
-        if factor == 1.0:
-            return
-        if self.stage == 0:
-            self._check_scalable(factor)
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, factor)
-            return
-        # ZeRO 1 to 3: applied through the loss scale during step (see the module docstring).
-        self._factor *= factor
 
     def _check_scalable(self, factor: float) -> None:
         # fp16/bf16 at stage 0 is refused at construction (unsupported()); another wrapper would land here.
@@ -265,39 +253,56 @@ class DeepSpeedBackend(Backend):
     def step(
         self, optimizer: torch.optim.Optimizer, params: Params, options: StepOptions, window: StepWindow
     ) -> tuple[float | None, bool]:
-        """``engine.step()`` at the boundary with the pending correction; returns (grad norm, skipped).
+        """``engine.step()`` at the boundary with the window's factor; returns (grad norm, skipped).
 
         The engine clips (its config's ``gradient_clipping``), unscales fp16 gradients and steps its optimizer
         and LR scheduler; ``optimizer`` and ``params`` are the engine's own.
+
+        Raises:
+            FloatingPointError: the gradient is not finite, ``options.on_nonfinite`` is ``"raise"``, and the
+                engine does not scale an fp16 loss (whose overflows are skipped, as with a GradScaler).
         """
-        fused = self.stage == 0 and not window.norm  # the factor rides on the NaN/inf check's pass below
-        if not window.skip and not fused:
-            self.scale_grads(params, window.factor)
-        engine = self.engine
-        factor, self._factor = self._factor, 1.0
-        engine.set_gradient_accumulation_boundary(True)
+        self.engine.set_gradient_accumulation_boundary(True)
         if window.skip:
             self._drop_gradients()
             return None, True
         if self.stage == 0:
-            # A torch optimizer steps NaN/inf into the weights: the norm checks, or the pass that applies the factor.
-            norm: float | None = None
-            if fused:
-                self._check_scalable(window.factor)
-                found = self.check_and_scale(list(engine.module.parameters()), window.factor)
-            else:
-                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-                found = not math.isfinite(norm)
-            if found:
-                self._drop_gradients()
-                return norm, True
-            engine.step()
-            return norm, not engine.was_step_applied()
-        with self._loss_scale_divided_by(factor):
-            engine.step()
-        reported = engine.get_global_grad_norm()
-        return (None if reported is None else float(reported)), not engine.was_step_applied()
+            return self._step_torch_optimizer(optimizer, options, window)
+        # ZeRO 1 to 3: the engine checks its own partitions for NaN/inf (an overflow) and skips by itself.
+        with self._loss_scale_divided_by(window.factor):
+            self.engine.step()
+        reported = self.engine.get_global_grad_norm()
+        norm = None if reported is None else float(reported)
+        skipped = not self.engine.was_step_applied()
+        if skipped:
+            self._nonfinite_policy(options, window, norm)
+        return norm, skipped
+
+    def _step_torch_optimizer(
+        self, optimizer: torch.optim.Optimizer, options: StepOptions, window: StepWindow
+    ) -> tuple[float | None, bool]:
+        """ZeRO 0: the averaged gradients are in ``param.grad`` and a torch optimizer steps NaN/inf into the weights,
+        so the step's decision is :meth:`~Backend.decide_nonfinite`'s, as on every other wrapper; the engine clips, so
+        the decision applies no clip of its own."""
+        params = list(self.engine.module.parameters())
+        self._check_scalable(window.factor)
+        unclipped = dataclasses.replace(options, max_grad_norm=None)
+        verdict = self.decide_nonfinite(optimizer, params, unclipped, window)
+        if verdict.found:
+            self._drop_gradients()
+            self._nonfinite_policy(options, window, verdict.norm)
+            return verdict.norm, True
+        grads = grads_of(params)
+        if verdict.multiplier != 1.0 and grads:
+            torch._foreach_mul_(grads, verdict.multiplier)
+        self.engine.step()
+        return verdict.norm, not self.engine.was_step_applied()
+
+    def _nonfinite_policy(self, options: StepOptions, window: StepWindow, norm: float | None) -> None:
+        """A step not taken for a NaN/inf gradient: an fp16 overflow (the engine backs off its loss scale), or else
+        ``on_nonfinite`` decides."""
+        if options.on_nonfinite == "raise" and not self.engine.fp16_enabled():
+            raise nonfinite_error(norm, window.number)
 
     def discard_grads(self, optimizer: torch.optim.Optimizer) -> None:
         self._drop_gradients()

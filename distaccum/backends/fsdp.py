@@ -81,10 +81,7 @@ class FSDP1Backend(_ShardedBackend):
 
     def window_sync(self) -> contextlib.AbstractContextManager[None]:
         # "every" / "sharded": FSDP1 reduces in each backward and adds the new shard to the one it holds.
-        return self.no_sync() if self.grad_sync == "boundary" else _NOTHING
-
-    def no_sync(self) -> contextlib.AbstractContextManager[None]:
-        return self.model.no_sync()  # type: ignore[operator]
+        return self.model.no_sync() if self.grad_sync == "boundary" else _NOTHING  # type: ignore[operator]
 
     def float32_sums_refusal(self) -> tuple[str, str] | None:
         if self.syncs_in_window:
@@ -94,7 +91,7 @@ class FSDP1Backend(_ShardedBackend):
             "Use FSDP2 (fully_shard) with MixedPrecisionPolicy(reduce_dtype=torch.float32), which sums in float32",
         )
 
-    def grad_norm(self, params: Params) -> torch.Tensor:
+    def _grad_norm(self, params: Params) -> torch.Tensor:
         # FSDP1's own clip_grad_norm_ forces float32 norms and fails on float64 parameters; the sharded norm is
         # simple enough: every rank holds a disjoint shard, so squared norms add up over ranks.
         from torch.distributed.fsdp import ShardingStrategy
@@ -160,9 +157,6 @@ class FSDP2Backend(_ShardedBackend):
             return _NOTHING
         return self._window_flags(reduce_scatter=self.grad_sync == "sharded")
 
-    def no_sync(self) -> contextlib.AbstractContextManager[None]:
-        return self._window_flags(reduce_scatter=False)
-
     def boundary_sync(self) -> contextlib.AbstractContextManager[None] | None:
         return self._all_reduce_partials() if self.grad_sync == "sharded" and self._has_replicas() else None
 
@@ -189,14 +183,14 @@ class FSDP2Backend(_ShardedBackend):
         # "sharded" on an HSDP mesh: the window's reduce-scattered sum waits in FSDP2's buffer for the all-reduce.
         return self.grad_sync == "boundary" or (self.grad_sync == "sharded" and self._has_replicas())
 
-    def grad_norm(self, params: Params) -> torch.Tensor:
+    def _grad_norm(self, params: Params) -> torch.Tensor:
         # With tensor parallelism the gradients live on two meshes (a TP layer's on (dp, tp), the others' on dp), and
         # DTensor cannot stack norms across meshes: each mesh's norm is made whole on its own, then they add up.
         by_mesh: dict[Any, list[torch.Tensor]] = {}
         for grad in grads_of(params):
             by_mesh.setdefault(getattr(grad, "device_mesh", None), []).append(grad)
         if len(by_mesh) <= 1:
-            return super().grad_norm(params)
+            return super()._grad_norm(params)
         norms = [torch.nn.utils.get_total_norm(grads, norm_type=2.0) for grads in by_mesh.values()]
         whole = [norm.full_tensor() if hasattr(norm, "full_tensor") else norm for norm in norms]
         return torch.linalg.vector_norm(torch.stack([norm.to(whole[0].dtype) for norm in whole]))

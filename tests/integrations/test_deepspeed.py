@@ -683,3 +683,51 @@ def test_zero0_without_clipping_checks_nan_and_weights_items_in_one_pass() -> No
         optimizer.step()
     for result in ranks:
         assert max_relative_error(result["weights"][-1], model.state_dict()) <= TOLERANCE
+
+
+def _raise_on_nonfinite(rank: int, world_size: int, stage: int) -> dict:
+    """Three windows of 2 micro-steps under ``on_nonfinite="raise"``; rank 1's gradient turns NaN in window 2 (its
+    loss stays finite). Returns, per window, whether it raised, and the weights after it."""
+    import deepspeed  # noqa: F401  (imported before the Accumulator picks the backend, as a user would)
+
+    from distaccum.integrations.deepspeed import initialize
+    from tests.helpers.nonfinite_workers import poisoned_gradient
+
+    _setdefault_deepspeed_env()
+    plan = BatchPlan(micro_batch_size=4, accum_steps=2)
+    config = {"zero_optimization": {"stage": stage}, "gradient_clipping": 0.0, "steps_per_print": 10**9}
+    model = make_model()
+    engine = initialize(model, make_optimizer("sgd", model.parameters()), plan, config)
+    acc = Accumulator(engine, engine.optimizer, plan, on_nonfinite="raise")
+    inputs, targets = make_data(2 * 3 * world_size, 4)
+    raised, weights = [], []
+    for window in range(3):
+        try:
+            for micro in range(2):
+                index = (window * 2 + micro) * world_size + rank
+                with acc.micro_step():
+                    output = engine(inputs[index])
+                    loss = loss_fn(output, targets[index])
+                    if rank == 1 and window == 1 and micro == 0:
+                        loss = poisoned_gradient(output, loss)
+                    acc.backward(loss)
+            raised.append(False)
+        except FloatingPointError as error:
+            raised.append(str(error))
+        weights.append(full_weights(engine))
+    return {"raised": raised, "weights": weights, "skipped": acc.skipped_steps, "steps": acc.optimizer_steps}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_on_nonfinite_raise_raises_on_every_rank_and_takes_no_step(stage: int) -> None:
+    # Under DeepSpeed the NaN gradient was skipped silently whatever on_nonfinite said (ZeRO 0 decided it in its own
+    # step; ZeRO 1 and 2 left it to the engine): "raise" must raise on every rank, as on every other backend.
+    ranks = run_ranks(_raise_on_nonfinite, stage, timeout_s=180)
+    for result in ranks:
+        assert result["raised"][0] is False and result["raised"][2] is False
+        assert "non-finite gradient" in result["raised"][1] and "optimizer step 2" in result["raised"][1]
+        assert result["steps"] == 3 and result["skipped"] == 1
+        before, after = result["weights"][0], result["weights"][1]
+        assert all(torch.equal(before[name], after[name]) for name in before), "the NaN step reached the weights"
+        assert all(torch.isfinite(value).all() for value in result["weights"][2].values())
+    assert all(torch.equal(ranks[0]["weights"][2][k], v) for k, v in ranks[1]["weights"][2].items())

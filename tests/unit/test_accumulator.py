@@ -493,13 +493,12 @@ def test_a_wrapper_whose_no_sync_fails_to_enter_leaves_the_accumulator_usable():
         def __exit__(self, *exc):
             return False
 
-    real_no_sync = acc._backend.no_sync
-    acc._backend.no_sync = Failing
+    acc._backend.window_sync = Failing  # an instance attribute, over the class's method
     x, y = make_data(1, 2 * MICRO)
     with pytest.raises(RuntimeError, match="could not turn off"):
         with acc.micro_step():
             acc.backward(loss_fn(model(x[0, :MICRO]), y[0, :MICRO]))
-    acc._backend.no_sync = real_no_sync
+    del acc._backend.window_sync
     with acc.micro_step():  # the window's boundary: the failed micro-step counted, and the window is discarded
         acc.backward(loss_fn(model(x[0, MICRO:]), y[0, MICRO:]))
     assert acc.last_step.skipped and acc.optimizer_steps == 1
@@ -512,10 +511,10 @@ def accelerator_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     from distaccum.backends import base
 
     fused: list[int] = []
-    check_and_scale = base.Backend.check_and_scale
+    check_and_scale = base.Backend._check_and_scale
     monkeypatch.setattr(base, "read_is_a_sync", lambda tensor: True)
     monkeypatch.setattr(
-        base.Backend, "check_and_scale", lambda self, *args: fused.append(1) or check_and_scale(self, *args)
+        base.Backend, "_check_and_scale", lambda self, *args: fused.append(1) or check_and_scale(self, *args)
     )
     return fused
 
@@ -534,8 +533,8 @@ def _norm_and_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     from distaccum.backends.base import Backend
 
     calls: list[str] = []
-    grad_norm, read = Backend.grad_norm, collectives.sum_checking_step
-    monkeypatch.setattr(Backend, "grad_norm", lambda self, params: calls.append("norm") or grad_norm(self, params))
+    grad_norm, read = Backend._grad_norm, collectives.sum_checking_step
+    monkeypatch.setattr(Backend, "_grad_norm", lambda self, params: calls.append("norm") or grad_norm(self, params))
     monkeypatch.setattr(
         collectives,
         "sum_checking_step",

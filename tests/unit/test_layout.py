@@ -49,6 +49,7 @@ LAYERS = (
         "distaccum.resize",
         "distaccum.precision",
         "distaccum.reduction",
+        "distaccum.options",
         "distaccum.accumulator",
         "distaccum",
     ),
