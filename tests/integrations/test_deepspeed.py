@@ -7,7 +7,8 @@ over a gloo group: three full windows, a short window ended by ``acc.flush()``, 
 ``last=True`` window with items; gradient clipping binds on some steps. Each step's weights and pre-clip
 gradient norm are compared with one process training on exactly the samples of that window. ZeRO 3 (every
 parameter partitioned) also runs uneven per-rank data through ``acc.iterate()`` under a timeout, and refuses a
-mid-window checkpoint with the way out.
+mid-window checkpoint with the way out. ZeRO 3 all-gathers the parameters in every forward, so a rank that ran
+fewer forwards than the others would leave them waiting: its per-rank bodies run under ``run_ranks``' timeout.
 """
 
 from __future__ import annotations
@@ -28,11 +29,9 @@ import pytest
 import torch
 
 from distaccum import Accumulator, BatchPlan
-from tests.helpers import zero3_workers
 from tests.helpers.common import count_calls, loss_fn, make_data, make_model, make_optimizer, max_relative_error
 from tests.helpers.launchers import free_port
 from tests.helpers.spawn import run_ranks
-from tests.helpers.zero3_workers import full_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "launch" / "deepspeed"
@@ -331,6 +330,132 @@ def test_items_weighting_matters_for_this_data() -> None:
     assert error > 1e-3
 
 
+# ---------------------------------------- ZeRO 3 per-rank bodies (run in spawned processes under run_ranks)
+# MICRO_BATCH and WORLD as above; ZeRO 3's own window:
+ZERO3_ACCUM = 3
+ZERO3_GLOBAL_BATCH = ZERO3_ACCUM * MICRO_BATCH * WORLD  # 24
+# Micro-batches each rank's loader holds: rank 1 runs out two micro-batches into the second window.
+RANK_MICRO_BATCHES = (8, 5)
+# What every rank trains on, per window: (3, 2).
+COMMON_MICRO_BATCHES = (ZERO3_ACCUM, min(RANK_MICRO_BATCHES) - ZERO3_ACCUM)
+# Read but not trained on: rank 0's third micro-batch of the cut window (its last two are never read).
+DROPPED = (1, 0)
+SAMPLES_PER_RANK = max(RANK_MICRO_BATCHES) * MICRO_BATCH
+
+
+def zero3_config(clipping: float = 0.0) -> dict:
+    # Threshold 0: every parameter is partitioned (the default keeps parameters under 1e5 elements whole on every
+    # rank, which is all of the test model's).
+    return {
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "gradient_clipping": clipping,
+        "steps_per_print": 10**9,
+    }
+
+
+def full_weights(engine) -> dict[str, torch.Tensor]:
+    """The engine's whole weights (ZeRO 3 keeps a shard per rank: gathered for the read; a no-op below stage 3)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        return {name: value.detach().clone() for name, value in engine.module.state_dict().items()}
+
+
+def rank_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Both ranks' samples, rank-major: rank r owns rows r * SAMPLES_PER_RANK onwards."""
+    inputs, targets = make_data(1, WORLD * SAMPLES_PER_RANK, seed=7)
+    return inputs[0], targets[0]
+
+
+def _setup() -> tuple[object, Accumulator, BatchPlan]:
+    import deepspeed  # noqa: F401  (before the Accumulator picks its backend, as a user would)
+
+    from distaccum.integrations.deepspeed import initialize
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    model = make_model()
+    plan = BatchPlan(global_batch_size=ZERO3_GLOBAL_BATCH, micro_batch_size=MICRO_BATCH)
+    engine = initialize(model, make_optimizer("sgd", model.parameters()), plan, zero3_config())
+    return engine, Accumulator(engine, engine.optimizer, plan), plan
+
+
+def uneven_worker(rank: int, world_size: int) -> dict:
+    """Train on this rank's loader (8 or 5 micro-batches) through acc.iterate(); count the forwards."""
+    engine, acc, _ = _setup()
+    forwards = [0]
+    engine.module.register_forward_pre_hook(lambda module, args: forwards.__setitem__(0, forwards[0] + 1))
+    inputs, targets = rank_data()
+    mine = slice(rank * SAMPLES_PER_RANK, rank * SAMPLES_PER_RANK + RANK_MICRO_BATCHES[rank] * MICRO_BATCH)
+    loader = list(zip(inputs[mine].split(MICRO_BATCH), targets[mine].split(MICRO_BATCH), strict=True))
+    steps = []
+    for x, y in acc.iterate(loader):
+        with acc.micro_step():
+            acc.backward(loss_fn(engine(x), y))
+        if acc.stepped:
+            steps.append({"micro_steps": acc.last_step.micro_steps, "weights": full_weights(engine)})
+    result = {"steps": steps, "forwards": forwards[0], "dropped": acc.dropped_micro_batches, "flushed": acc.flush()}
+    del acc, engine
+    return result
+
+
+def mid_window_checkpoint_worker(rank: int, world_size: int, directory: str) -> dict:
+    """One micro-step into a window, try both ways of checkpointing it; then finish the window on every rank."""
+    from distaccum import checkpoint
+
+    engine, acc, _ = _setup()
+    inputs, targets = rank_data()
+    batches = list(zip(inputs.split(MICRO_BATCH), targets.split(MICRO_BATCH), strict=False))[:ZERO3_ACCUM]
+    refusals = {}
+    for index, (x, y) in enumerate(batches):
+        with acc.micro_step():
+            acc.backward(loss_fn(engine(x), y))
+        if index == 0:
+            refusals["save"] = _refusal(
+                checkpoint.save, directory, model=engine, optimizer=acc.optimizer, accumulator=acc, include_grads=True
+            )
+            refusals["state_dict"] = _refusal(acc.state_dict, include_grads=True)
+    result = {
+        "refusals": refusals,
+        "written": sorted(p.name for p in Path(directory).glob("*")),
+        "steps": acc.optimizer_steps,
+    }
+    del acc, engine
+    return result
+
+
+def _refusal(call, *args, **kwargs) -> str | None:
+    try:
+        call(*args, **kwargs)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def reference_uneven() -> list[dict[str, torch.Tensor]]:
+    """One process, the real batches: each window's samples of both ranks (only what every rank had)."""
+    model = make_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    inputs, targets = rank_data()
+    weights, start = [], 0
+    for micro_steps in COMMON_MICRO_BATCHES:
+        rows = torch.cat(
+            [
+                torch.arange(
+                    rank * SAMPLES_PER_RANK + start * MICRO_BATCH,
+                    rank * SAMPLES_PER_RANK + (start + micro_steps) * MICRO_BATCH,
+                )
+                for rank in range(WORLD)
+            ]
+        )
+        optimizer.zero_grad()
+        loss_fn(model(inputs[rows]), targets[rows]).backward()
+        optimizer.step()
+        weights.append({name: value.detach().clone() for name, value in model.state_dict().items()})
+        start += micro_steps
+    return weights
+
+
 # ------------------------------------------------------------------------- ZeRO 3: uneven ranks, checkpoints
 @pytest.mark.slow
 def test_zero3_uneven_ranks_through_iterate_run_the_same_forwards_and_equal_the_real_batch() -> None:
@@ -338,14 +463,14 @@ def test_zero3_uneven_ranks_through_iterate_run_the_same_forwards_and_equal_the_
     # so both run 5 forwards (ZeRO 3 all-gathers in each; a 6th on rank 0 alone would wait forever: the timeout
     # turns that into a failure) and the step is the real batch of those 2 x 2 micro-batches.
     started = time.monotonic()
-    ranks = run_ranks(zero3_workers.uneven_worker, timeout_s=120)
+    ranks = run_ranks(uneven_worker, timeout_s=120)
     print(f"\nZeRO 3 uneven run: {time.monotonic() - started:.1f} s wall")
-    reference = zero3_workers.reference_uneven()
+    reference = reference_uneven()
     for rank, run in enumerate(ranks):
-        assert run["forwards"] == sum(zero3_workers.COMMON_MICRO_BATCHES), run["forwards"]
-        assert run["dropped"] == zero3_workers.DROPPED[rank]
+        assert run["forwards"] == sum(COMMON_MICRO_BATCHES), run["forwards"]
+        assert run["dropped"] == DROPPED[rank]
         assert run["flushed"] is None  # the short window ended on its last micro-batch
-        assert [step["micro_steps"] for step in run["steps"]] == [WORLD * m for m in zero3_workers.COMMON_MICRO_BATCHES]
+        assert [step["micro_steps"] for step in run["steps"]] == [WORLD * m for m in COMMON_MICRO_BATCHES]
         errors = [max_relative_error(step["weights"], ref) for step, ref in zip(run["steps"], reference, strict=True)]
         print(f"ZeRO 3 uneven rank {rank}: max rel weight error per step {[f'{e:.1e}' for e in errors]}")
         assert max(errors) <= TOLERANCE
@@ -353,7 +478,7 @@ def test_zero3_uneven_ranks_through_iterate_run_the_same_forwards_and_equal_the_
 
 @pytest.mark.slow
 def test_zero3_mid_window_checkpoint_is_refused_with_the_way_out(tmp_path: Path) -> None:
-    ranks = run_ranks(zero3_workers.mid_window_checkpoint_worker, str(tmp_path), timeout_s=120)
+    ranks = run_ranks(mid_window_checkpoint_worker, str(tmp_path), timeout_s=120)
     for run in ranks:
         assert re.search(
             r"mid-window \(micro-step 1 of 3\) of a DeepSpeed engine: it keeps the window's gradients in ZeRO's "

@@ -6,12 +6,58 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from distaccum import Accumulator, BatchPlan
 from distaccum.noise import NoiseScale
-from tests.helpers import noise_workers as workers
+from distaccum.tools.survey.noise import brute_force_noise_scale, sampled_noise_scale
 from tests.helpers.common import loss_fn, make_model
 from tests.helpers.spawn import run_ranks
+
+# Per-rank bodies (run in spawned processes under tests.helpers.spawn.run_ranks, and on one process here)
+
+POPULATION = 512
+
+
+def population() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(POPULATION, 8, generator=generator, dtype=torch.float64)
+    targets = torch.randn(POPULATION, 4, generator=generator, dtype=torch.float64) + 0.5  # B_simple ~ 11
+    return inputs, targets
+
+
+def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x) - y).square().sum(dim=1)
+
+
+def brute_force() -> float:
+    """B_simple = tr(Sigma) / |G|^2 of the population as micro-batches sample it (with replacement), from every
+    per-sample gradient (no estimator)."""
+    inputs, targets = population()
+    exact = brute_force_noise_scale(
+        make_model(torch.float64), inputs, targets, lambda output, target: (output - target).square().sum(dim=1).mean()
+    )
+    return sampled_noise_scale(exact, POPULATION)
+
+
+def measure(rank: int, world_size: int, windows: int, micro: int, accum: int, decay: float) -> list[float | None]:
+    """Train at learning rate 0 (weights fixed) on micro-batches drawn with replacement; the estimates per step."""
+    inner = make_model(torch.float64)
+    model = nn.parallel.DistributedDataParallel(inner) if world_size > 1 else inner
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    plan = BatchPlan(micro_batch_size=micro, accum_steps=accum, world_size=world_size)
+    acc = Accumulator(model, optimizer, plan, noise_scale=decay)
+    inputs, targets = population()
+    generator = torch.Generator().manual_seed(100 + rank)
+    estimates = []
+    for _ in range(windows * accum):
+        index = torch.randint(0, POPULATION, (micro,), generator=generator)
+        with acc.micro_step():
+            acc.backward(per_sample_loss(model, inputs[index], targets[index]).mean())
+        if acc.stepped:
+            assert acc.last_step is not None
+            estimates.append(acc.last_step.noise_scale)
+    return estimates
 
 
 def test_exact_expectations_give_the_exact_noise_scale():
@@ -69,19 +115,19 @@ def test_the_estimate_resumes_from_the_state():
 
 
 def test_the_estimate_at_fixed_weights_approaches_the_brute_force_noise_scale():
-    exact = workers.brute_force()  # ~11.5 samples: between the micro-batch (4) and the window (32)
-    estimates = workers.measure(0, 1, windows=120, micro=4, accum=8, decay=0.98)
+    exact = brute_force()  # ~11.5 samples: between the micro-batch (4) and the window (32)
+    estimates = measure(0, 1, windows=120, micro=4, accum=8, decay=0.98)
     assert all(value is not None for value in estimates)
     assert abs(estimates[-1] / exact - 1) <= 0.2, (estimates[-1], exact)
     # Smoothing matters: a single step's raw estimate is far noisier than the EMA.
-    raw = workers.measure(0, 1, windows=40, micro=4, accum=8, decay=0.0)
+    raw = measure(0, 1, windows=40, micro=4, accum=8, decay=0.0)
     spread = max(raw) / min(v for v in raw if v > 0)
     assert spread > 2, raw
 
 
 def test_two_ranks_average_their_small_readings_and_agree():
-    exact = workers.brute_force()
-    results = run_ranks(workers.measure, 100, 4, 4, 0.98, world_size=2, timeout_s=180)
+    exact = brute_force()
+    results = run_ranks(measure, 100, 4, 4, 0.98, world_size=2, timeout_s=180)
     assert results[0] == results[1]  # every rank reports the same estimate
     assert abs(results[0][-1] / exact - 1) <= 0.2, (results[0][-1], exact)
 
